@@ -1,0 +1,209 @@
+//! `GET /oauth-callback`: the authorization response (RFC 6749 §4.1.2). Checks the state against
+//! a pending transaction (single use), the `iss` parameter (RFC 9207), redeems the code with the
+//! PKCE verifier, validates the ID token, and creates the session.
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use http::{header, HeaderValue, StatusCode};
+use subtle::ConstantTimeEq;
+use tower_cookies::Cookies;
+
+use super::login::{is_token_shaped, random_token, LoginTx};
+use super::QueryParams;
+use crate::error::ApiError;
+use crate::idp::IdpError;
+use crate::session::tokens::{now_s, Session};
+use crate::state::AppState;
+
+const SECURITY_PARAMS: &[&str] = &["state", "code", "iss", "error", "error_description"];
+
+pub async fn callback(
+    State(state): State<AppState>,
+    cookies: Cookies,
+    uri: http::Uri,
+) -> Result<Response, ApiError> {
+    let params = QueryParams::parse(uri.query(), SECURITY_PARAMS)?;
+    let tx = take_transaction(&state, &cookies, params.get("state"))?;
+    let md = state
+        .idp
+        .metadata()
+        .ok_or_else(|| ApiError::unavailable("the identity provider is not reachable yet"))?;
+
+    // RFC 9207 §2.4: simple string comparison; required when the AS says it always sends `iss`.
+    match params.get("iss") {
+        Some(iss) if iss != md.issuer => {
+            return Err(ApiError::invalid_request(
+                "the authorization response comes from an unexpected issuer",
+            ))
+        }
+        None if md.iss_parameter_supported => {
+            return Err(ApiError::invalid_request(
+                "the authorization response lacks the `iss` parameter",
+            ))
+        }
+        _ => {}
+    }
+
+    if let Some(error) = params.get("error") {
+        // Not proof of anything (RFC 9207 §2.4); shown to the SPA as text, never as HTML.
+        let description = params.get("error_description").unwrap_or("");
+        tracing::info!(error = %error.escape_default(), "the authorization server returned an error");
+        return Ok(redirect_with_error(error, description));
+    }
+
+    let code = params
+        .get("code")
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| ApiError::invalid_request("the authorization response has no code"))?;
+    let tokens = state
+        .idp
+        .exchange_code(code, &tx.verifier)
+        .await
+        .map_err(|e| match &e {
+            IdpError::OAuth { .. } => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_grant",
+                "the authorization code could not be redeemed: log in again",
+            )
+            .with_cause(e),
+            _ => idp_failure(e),
+        })?;
+
+    let (subject, sid) = match (&tokens.id_token, state.config.oauth.wants_openid()) {
+        (Some(t), _) => {
+            let c = state
+                .idp
+                .validate_id_token(
+                    t,
+                    tx.nonce.as_deref(),
+                    state.config.oauth.login_transaction_ttl,
+                )
+                .await
+                .map_err(|e| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_token",
+                        "the identity provider's ID token was not valid",
+                    )
+                    .with_cause(e)
+                })?;
+            (c.sub, c.sid)
+        }
+        (None, true) => {
+            return Err(ApiError::bad_gateway(
+                "the identity provider returned no ID token for an openid login",
+            ))
+        }
+        (None, false) => (String::new(), None),
+    };
+
+    let now = now_s();
+    let session = Session {
+        id: random_token(),
+        expires_at: tokens.expires_in.map(|s| now.saturating_add(s)),
+        access_token: tokens.access_token,
+        refresh_token: tokens.refresh_token,
+        id_token: tokens.id_token,
+        scope: tokens.scope,
+        subject,
+        idp_session_id: sid,
+        created_at: now,
+        last_seen: now,
+    };
+    // A fresh session replaces whatever the browser had: no fixation.
+    state.store.remove(&cookies, None).await;
+    state
+        .store
+        .save(&cookies, &session)
+        .await
+        .map_err(ApiError::internal)?;
+    tracing::info!("login completed");
+
+    // Re-validated here as well: the transaction cookie is ours, but defence in depth is cheap.
+    let target = super::return_to::sanitize(Some(&tx.return_to), &state.config.server.public_url);
+    Ok(redirect(&target))
+}
+
+/// Finds, opens and consumes the transaction named by `state`. Every outcome clears the cookie.
+fn take_transaction(
+    state: &AppState,
+    cookies: &Cookies,
+    param: Option<&str>,
+) -> Result<LoginTx, ApiError> {
+    let unknown = || {
+        ApiError::invalid_request("unknown, expired or already used login: start again at /login")
+    };
+    let s = param.filter(|s| is_token_shaped(s)).ok_or_else(unknown)?;
+    let rules = state.store.rules();
+    let name = rules.tx_name(s);
+    let value = cookies.get(&name).map(|c| c.value().to_string());
+    let Some(value) = value else {
+        return Err(unknown());
+    };
+    rules.clear_tx(cookies, &name);
+    let tx: LoginTx = state
+        .sealer
+        .open(name.as_bytes(), &value)
+        .and_then(|p| serde_json::from_slice(&p).ok())
+        .ok_or_else(unknown)?;
+    if !bool::from(tx.state.as_bytes().ct_eq(s.as_bytes())) {
+        return Err(unknown());
+    }
+    let age = now_s().saturating_sub(tx.created_at);
+    if age >= state.config.oauth.login_transaction_ttl.as_secs() {
+        return Err(unknown());
+    }
+    Ok(tx)
+}
+
+/// Maps an IdP failure to whose fault it is: timeouts 504, everything else 502.
+pub fn idp_failure(e: IdpError) -> ApiError {
+    match e {
+        IdpError::Timeout => {
+            ApiError::gateway_timeout("the identity provider did not answer in time").with_cause(e)
+        }
+        IdpError::NotReady => {
+            ApiError::unavailable("the identity provider is not reachable yet").with_cause(e)
+        }
+        _ => ApiError::bad_gateway("the identity provider failed").with_cause(e),
+    }
+}
+
+fn redirect(location: &str) -> Response {
+    let loc = HeaderValue::from_str(location).unwrap_or(HeaderValue::from_static("/"));
+    (
+        StatusCode::FOUND,
+        [
+            (header::LOCATION, loc),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        ],
+    )
+        .into_response()
+}
+
+fn redirect_with_error(error: &str, description: &str) -> Response {
+    // Only RFC 6749 error-code characters pass; the description is length-capped and
+    // percent-encoded, so nothing can break out of the query string.
+    let code: String = error
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .take(64)
+        .collect();
+    let desc: String = description
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(256)
+        .collect();
+    let query = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair(
+            "error",
+            if code.is_empty() {
+                "server_error"
+            } else {
+                &code
+            },
+        )
+        .append_pair("error_description", &desc)
+        .finish();
+    redirect(&format!("/?{query}"))
+}

@@ -1,0 +1,131 @@
+//! `GET /login`: starts the authorization-code flow (RFC 6749 §4.1) with a fresh `state`
+//! (RFC 9700 §4.7), PKCE S256 (RFC 7636), and an OIDC `nonce`. The transaction is sealed into its
+//! own short-lived cookie named after the state, so several tabs can log in at once.
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use http::{header, HeaderValue, StatusCode};
+use oauth2::PkceCodeChallenge;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use tower_cookies::Cookies;
+
+use crate::error::ApiError;
+use crate::session::tokens::now_s;
+use crate::state::AppState;
+
+/// One pending login, sealed into the `tg_tx_<state>` cookie.
+#[derive(Serialize, Deserialize)]
+pub struct LoginTx {
+    pub state: String,
+    pub nonce: Option<String>,
+    pub verifier: String,
+    pub return_to: String,
+    pub created_at: u64,
+}
+
+/// 256 random bits, base64url (43 characters).
+pub fn random_token() -> String {
+    let mut b = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    URL_SAFE_NO_PAD.encode(b)
+}
+
+/// True for values we could have generated with [`random_token`]: keeps the cookie-name lookup
+/// at the callback to well-formed states.
+pub fn is_token_shaped(s: &str) -> bool {
+    s.len() == 43
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+pub async fn login(
+    State(state): State<AppState>,
+    cookies: Cookies,
+    uri: http::Uri,
+) -> Result<Response, ApiError> {
+    let params = super::QueryParams::parse(uri.query(), &["return_to"])?;
+    let md = state.idp.metadata().ok_or_else(|| {
+        ApiError::unavailable("the identity provider is not reachable yet; try again in a moment")
+    })?;
+    let cfg = &state.config.oauth;
+    let return_to =
+        super::return_to::sanitize(params.get("return_to"), &state.config.server.public_url);
+
+    let tx_state = random_token();
+    let nonce = cfg.wants_openid().then(random_token);
+    let (challenge, verifier) = PkceCodeChallenge::new_random_sha256_len(32);
+    let tx = LoginTx {
+        state: tx_state.clone(),
+        nonce: nonce.clone(),
+        verifier: verifier.secret().clone(),
+        return_to,
+        created_at: now_s(),
+    };
+
+    let rules = state.store.rules();
+    drop_excess_transactions(&state, &cookies);
+    let name = rules.tx_name(&tx_state);
+    let plain = serde_json::to_vec(&tx).map_err(ApiError::internal)?;
+    let sealed = state.sealer.seal(name.as_bytes(), &plain);
+    rules.set_tx(&cookies, &tx_state, sealed, cfg.login_transaction_ttl);
+
+    let mut url = md.authorization_endpoint.clone();
+    {
+        let mut q = url.query_pairs_mut();
+        q.append_pair("response_type", "code")
+            .append_pair("client_id", &cfg.client_id)
+            .append_pair("redirect_uri", cfg.redirect_uri.as_str())
+            .append_pair("scope", &cfg.scopes.join(" "))
+            .append_pair("state", &tx_state)
+            .append_pair("code_challenge", challenge.as_str())
+            .append_pair("code_challenge_method", "S256");
+        if let Some(n) = &nonce {
+            q.append_pair("nonce", n);
+        }
+        for r in &cfg.resources {
+            q.append_pair("resource", r);
+        }
+        for (k, v) in &cfg.extra_authorize_params {
+            q.append_pair(k, v);
+        }
+    }
+    let location = HeaderValue::from_str(url.as_str()).map_err(ApiError::internal)?;
+    Ok((
+        StatusCode::FOUND,
+        [
+            (header::LOCATION, location),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        ],
+    )
+        .into_response())
+}
+
+/// Keeps at most `oauth.max_pending_logins - 1` older transactions, so with the new one the cap
+/// holds: the oldest (and any unreadable or expired ones) are dropped.
+fn drop_excess_transactions(state: &AppState, cookies: &Cookies) {
+    let rules = state.store.rules();
+    let cfg = &state.config.oauth;
+    let now = now_s();
+    let mut live: Vec<(u64, String)> = Vec::new();
+    for name in rules.tx_names(cookies) {
+        let created = cookies
+            .get(&name)
+            .and_then(|c| state.sealer.open(name.as_bytes(), c.value()))
+            .and_then(|p| serde_json::from_slice::<LoginTx>(&p).ok())
+            .map(|tx| tx.created_at)
+            .filter(|&t| now.saturating_sub(t) < cfg.login_transaction_ttl.as_secs());
+        match created {
+            Some(t) => live.push((t, name)),
+            None => rules.clear_tx(cookies, &name),
+        }
+    }
+    live.sort();
+    let keep = cfg.max_pending_logins.saturating_sub(1);
+    let excess = live.len().saturating_sub(keep);
+    for (_, name) in live.into_iter().take(excess) {
+        rules.clear_tx(cookies, &name);
+    }
+}

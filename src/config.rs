@@ -1,0 +1,1089 @@
+//! Configuration: `config.toml` layered with `TOKENGATE_A__B` environment overrides, then validated
+//! into typed settings. Every problem is collected and reported at once, naming the key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use base64::Engine;
+use serde::Deserialize;
+use url::Url;
+
+/// The prefix of environment variables that override config keys.
+pub const ENV_PREFIX: &str = "TOKENGATE_";
+
+/// All the problems found in a configuration, reported together.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "invalid configuration ({} problem{}):",
+            self.problems.len(),
+            if self.problems.len() == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            writeln!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// ---------------------------------------------------------------------------------------------
+// The file's shape (serde). Unknown keys are collected by `serde_ignored`, not rejected one by one,
+// so that they are reported with every other problem.
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct RawConfig {
+    server: RawServer,
+    oauth: RawOAuth,
+    session: RawSession,
+    csrf: RawCsrf,
+    routes: Vec<RawRoute>,
+    log: RawLog,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+struct RawServer {
+    listen: String,
+    public_url: String,
+    static_dir: Option<String>,
+    spa_fallback: bool,
+    trusted_proxies: Vec<String>,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            public_url: "http://localhost:8080".into(),
+            static_dir: Some("static".into()),
+            spa_fallback: true,
+            trusted_proxies: vec![],
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+struct RawOAuth {
+    issuer: Option<String>,
+    #[serde(deserialize_with = "lenient_string")]
+    client_id: Option<String>,
+    #[serde(deserialize_with = "lenient_string")]
+    client_secret: Option<String>,
+    scopes: Vec<String>,
+    resources: Vec<String>,
+    redirect_path: String,
+    client_auth: String,
+    extra_authorize_params: BTreeMap<String, String>,
+    post_logout_redirect_uri: Option<String>,
+    authorization_endpoint: Option<String>,
+    token_endpoint: Option<String>,
+    jwks_uri: Option<String>,
+    userinfo_endpoint: Option<String>,
+    revocation_endpoint: Option<String>,
+    end_session_endpoint: Option<String>,
+    refresh_skew_s: u64,
+    clock_skew_s: u64,
+    http_timeout_s: u64,
+    login_transaction_ttl_s: u64,
+    max_pending_logins: usize,
+}
+
+impl Default for RawOAuth {
+    fn default() -> Self {
+        Self {
+            issuer: None,
+            client_id: None,
+            client_secret: None,
+            scopes: vec!["openid".into(), "profile".into(), "offline_access".into()],
+            resources: vec![],
+            redirect_path: "/oauth-callback".into(),
+            client_auth: "client_secret_basic".into(),
+            extra_authorize_params: BTreeMap::new(),
+            post_logout_redirect_uri: None,
+            authorization_endpoint: None,
+            token_endpoint: None,
+            jwks_uri: None,
+            userinfo_endpoint: None,
+            revocation_endpoint: None,
+            end_session_endpoint: None,
+            refresh_skew_s: 30,
+            clock_skew_s: 60,
+            http_timeout_s: 10,
+            login_transaction_ttl_s: 600,
+            max_pending_logins: 5,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+struct RawSession {
+    store: String,
+    redis_url: Option<String>,
+    keys: Vec<String>,
+    idle_timeout_s: u64,
+    absolute_timeout_s: u64,
+}
+
+impl Default for RawSession {
+    fn default() -> Self {
+        Self {
+            store: "cookie".into(),
+            redis_url: None,
+            keys: vec![],
+            idle_timeout_s: 3600,
+            absolute_timeout_s: 86400,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+struct RawCsrf {
+    header: String,
+}
+
+impl Default for RawCsrf {
+    fn default() -> Self {
+        Self {
+            header: "X-CSRF".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct RawRoute {
+    prefix: String,
+    upstream: String,
+    strip_prefix: bool,
+    resource: Option<String>,
+    timeout_s: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+struct RawLog {
+    format: String,
+    level: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+/// Accepts a string, or a number/bool written without quotes (an env override like
+/// `TOKENGATE_OAUTH__CLIENT_ID=1234` must not become a type error).
+fn lenient_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Lenient {
+        S(String),
+        I(i64),
+        F(f64),
+        B(bool),
+    }
+    Ok(Option::<Lenient>::deserialize(d)?.map(|v| match v {
+        Lenient::S(s) => s,
+        Lenient::I(i) => i.to_string(),
+        Lenient::F(f) => f.to_string(),
+        Lenient::B(b) => b.to_string(),
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The validated, typed configuration the service runs with.
+// ---------------------------------------------------------------------------------------------
+
+/// A secret string whose `Debug` never prints it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// How tokengate authenticates itself at the token endpoint (RFC 6749 §2.3, OIDC Core §9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    ClientSecretBasic,
+    ClientSecretPost,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    Cookie,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub oauth: OAuthConfig,
+    pub session: SessionConfig,
+    pub csrf: CsrfConfig,
+    pub routes: Vec<RouteConfig>,
+    pub log: LogConfig,
+    /// Non-fatal remarks found while loading (e.g. a generated session key).
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// The external origin, e.g. `https://app.example.com` (no path).
+    pub public_url: Url,
+    pub static_dir: Option<String>,
+    pub spa_fallback: bool,
+    pub trusted_proxies: Vec<Cidr>,
+}
+
+impl ServerConfig {
+    /// Whether cookies get `Secure` and the `__Host-` prefix.
+    pub fn is_https(&self) -> bool {
+        self.public_url.scheme() == "https"
+    }
+    /// `scheme://host[:port]` as a browser sends it in `Origin`.
+    pub fn origin(&self) -> String {
+        self.public_url.origin().ascii_serialization()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct OAuthConfig {
+    /// The issuer identifier exactly as configured (compared as a string, RFC 9207 §2.4).
+    pub issuer: String,
+    pub client_id: String,
+    pub client_secret: Option<Secret>,
+    pub scopes: Vec<String>,
+    pub resources: Vec<String>,
+    pub redirect_uri: Url,
+    pub redirect_path: String,
+    pub client_auth: ClientAuth,
+    pub extra_authorize_params: BTreeMap<String, String>,
+    pub post_logout_redirect_uri: String,
+    pub endpoints: ExplicitEndpoints,
+    pub refresh_skew: Duration,
+    pub clock_skew: Duration,
+    pub http_timeout: Duration,
+    pub login_transaction_ttl: Duration,
+    pub max_pending_logins: usize,
+}
+
+impl OAuthConfig {
+    pub fn wants_openid(&self) -> bool {
+        self.scopes.iter().any(|s| s == "openid")
+    }
+}
+
+/// Endpoints set in config; each one wins over discovery.
+#[derive(Debug, Clone, Default)]
+pub struct ExplicitEndpoints {
+    pub authorization_endpoint: Option<Url>,
+    pub token_endpoint: Option<Url>,
+    pub jwks_uri: Option<Url>,
+    pub userinfo_endpoint: Option<Url>,
+    pub revocation_endpoint: Option<Url>,
+    pub end_session_endpoint: Option<Url>,
+}
+
+#[derive(Clone)]
+pub struct SessionConfig {
+    pub store: StoreKind,
+    /// 32-byte keys: the first seals, all open (rotation).
+    pub keys: Vec<[u8; 32]>,
+    pub idle_timeout: Duration,
+    pub absolute_timeout: Duration,
+}
+
+impl fmt::Debug for SessionConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionConfig")
+            .field("store", &self.store)
+            .field("keys", &format_args!("[{} redacted]", self.keys.len()))
+            .field("idle_timeout", &self.idle_timeout)
+            .field("absolute_timeout", &self.absolute_timeout)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CsrfConfig {
+    pub header: http::HeaderName,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Normalised: starts with `/`, no trailing `/` (except the root route `/`... which is refused).
+    pub prefix: String,
+    pub upstream: Url,
+    pub strip_prefix: bool,
+    pub resource: Option<String>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+/// An IPv4 or IPv6 network in CIDR notation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: std::net::IpAddr,
+    pub prefix_len: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Option<Cidr> {
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (
+                a.parse::<std::net::IpAddr>().ok()?,
+                Some(l.parse::<u8>().ok()?),
+            ),
+            None => (s.parse::<std::net::IpAddr>().ok()?, None),
+        };
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix_len = len.unwrap_or(max);
+        (prefix_len <= max).then_some(Cidr { addr, prefix_len })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::*;
+        let ip = match ip {
+            V6(v6) => v6.to_ipv4_mapped().map(V4).unwrap_or(V6(v6)),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (V4(net), V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix_len))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (V6(net), V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix_len))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`, applying overrides from the process environment.
+    pub fn load_file(path: &str) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            problems: vec![format!("cannot read config file {path}: {e}")],
+        })?;
+        Config::load(&text, std::env::vars())
+    }
+
+    /// Parses `toml_text`, applies `TOKENGATE_A__B` overrides from `env`, and validates everything.
+    /// The environment is injected so tests never touch the process environment.
+    pub fn load(
+        toml_text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let mut value: toml::Value = match toml::from_str::<toml::Table>(toml_text) {
+            Ok(t) => toml::Value::Table(t),
+            Err(e) => {
+                return Err(ConfigError {
+                    problems: vec![format!("config file is not valid TOML: {}", e.message())],
+                })
+            }
+        };
+        let mut env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        env.sort();
+        for (k, v) in env {
+            if let Err(p) = apply_env_override(&mut value, &k, &v) {
+                problems.push(p);
+            }
+        }
+        let mut unknown = Vec::new();
+        let raw: RawConfig =
+            match serde_ignored::deserialize(value, |path| unknown.push(path.to_string())) {
+                Ok(raw) => raw,
+                Err(e) => {
+                    problems.push(format!("{e}"));
+                    problems.extend(unknown.iter().map(|k| format!("{k}: unknown key")));
+                    return Err(ConfigError { problems });
+                }
+            };
+        problems.extend(unknown.iter().map(|k| format!("{k}: unknown key")));
+        let cfg = validate(raw, &mut problems);
+        if problems.is_empty() {
+            cfg.ok_or_else(|| ConfigError {
+                problems: vec!["configuration could not be built".into()],
+            })
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    /// The config as it may be logged: secrets are redacted by their `Debug`.
+    pub fn redacted_summary(&self) -> String {
+        format!(
+            "listen={} public_url={} issuer={} client_id={} client_auth={:?} store={:?} routes={}",
+            self.server.listen,
+            self.server.public_url,
+            self.oauth.issuer,
+            self.oauth.client_id,
+            self.oauth.client_auth,
+            self.session.store,
+            self.routes
+                .iter()
+                .map(|r| format!("{}->{}", r.prefix, r.upstream))
+                .collect::<Vec<_>>()
+                .join(",")
+        )
+    }
+}
+
+/// `TOKENGATE_OAUTH__CLIENT_SECRET=x` sets `oauth.client_secret`; `TOKENGATE_ROUTES__0__UPSTREAM`
+/// indexes arrays. Values are read as TOML when they look like arrays, tables, booleans or numbers,
+/// otherwise as strings.
+fn apply_env_override(root: &mut toml::Value, key: &str, raw: &str) -> Result<(), String> {
+    let path: Vec<String> = key[ENV_PREFIX.len()..]
+        .split("__")
+        .map(|s| s.to_ascii_lowercase())
+        .collect();
+    if path.iter().any(|s| s.is_empty()) {
+        return Err(format!("{key}: malformed override name"));
+    }
+    let value = parse_env_value(raw);
+    let mut cur = root;
+    for (i, seg) in path.iter().enumerate() {
+        let last = i + 1 == path.len();
+        cur = match cur {
+            toml::Value::Table(t) => {
+                if last {
+                    // Keep the type of a value that is already there: a string stays a string.
+                    let v = match (t.get(seg), &value) {
+                        (Some(toml::Value::String(_)), _) => toml::Value::String(raw.to_string()),
+                        _ => value.clone(),
+                    };
+                    t.insert(seg.clone(), v);
+                    return Ok(());
+                }
+                let next_is_index = path[i + 1].parse::<usize>().is_ok();
+                t.entry(seg.clone()).or_insert_with(|| {
+                    if next_is_index {
+                        toml::Value::Array(vec![])
+                    } else {
+                        toml::Value::Table(toml::Table::new())
+                    }
+                })
+            }
+            toml::Value::Array(a) => {
+                let idx: usize = seg
+                    .parse()
+                    .map_err(|_| format!("{key}: `{seg}` is not an array index"))?;
+                if idx > a.len() {
+                    return Err(format!("{key}: index {idx} leaves a gap in the array"));
+                }
+                if idx == a.len() {
+                    a.push(toml::Value::Table(toml::Table::new()));
+                }
+                if last {
+                    a[idx] = value.clone();
+                    return Ok(());
+                }
+                &mut a[idx]
+            }
+            _ => return Err(format!("{key}: cannot descend into a non-table value")),
+        };
+    }
+    Ok(())
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    let t = raw.trim();
+    let looks_typed = t.starts_with('[')
+        || t.starts_with('{')
+        || t == "true"
+        || t == "false"
+        || (!t.is_empty() && t.chars().all(|c| c.is_ascii_digit()));
+    if looks_typed {
+        if let Ok(mut tbl) = toml::from_str::<toml::Table>(&format!("v = {t}")) {
+            if let Some(v) = tbl.remove("v") {
+                return v;
+            }
+        }
+    }
+    toml::Value::String(raw.to_string())
+}
+
+fn parse_url(key: &str, s: &str, problems: &mut Vec<String>) -> Option<Url> {
+    match Url::parse(s) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Some(u),
+        Ok(u) => {
+            problems.push(format!(
+                "{key}: `{s}` must be an http(s) URL with a host (got scheme `{}`)",
+                u.scheme()
+            ));
+            None
+        }
+        Err(e) => {
+            problems.push(format!("{key}: `{s}` is not a valid URL ({e})"));
+            None
+        }
+    }
+}
+
+fn opt_url(key: &str, s: &Option<String>, problems: &mut Vec<String>) -> Option<Url> {
+    s.as_deref().and_then(|s| parse_url(key, s, problems))
+}
+
+fn positive(key: &str, v: u64, problems: &mut Vec<String>) -> Duration {
+    if v == 0 {
+        problems.push(format!("{key}: must be greater than 0"));
+    }
+    Duration::from_secs(v)
+}
+
+/// Decodes a session key: standard or URL-safe base64 of exactly 32 bytes.
+pub fn decode_key(s: &str) -> Result<[u8; 32], String> {
+    let s = s.trim();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s))
+        .or_else(|_| base64::engine::general_purpose::URL_SAFE.decode(s))
+        .map_err(|_| "is not valid base64".to_string())?;
+    <[u8; 32]>::try_from(bytes.as_slice())
+        .map_err(|_| format!("must decode to 32 bytes, got {}", bytes.len()))
+}
+
+fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
+    let mut warnings = Vec::new();
+
+    // [server]
+    let listen = raw
+        .server
+        .listen
+        .parse::<SocketAddr>()
+        .map_err(|_| {
+            problems.push(format!(
+                "server.listen: `{}` is not a socket address like 127.0.0.1:8080",
+                raw.server.listen
+            ))
+        })
+        .ok();
+    let public_url = parse_url("server.public_url", &raw.server.public_url, problems);
+    if let Some(u) = &public_url {
+        if u.path() != "/" || u.query().is_some() || u.fragment().is_some() {
+            problems.push(format!(
+                "server.public_url: `{}` must be an origin only (no path, query or fragment)",
+                raw.server.public_url
+            ));
+        }
+    }
+    let mut trusted_proxies = Vec::new();
+    for (i, c) in raw.server.trusted_proxies.iter().enumerate() {
+        match Cidr::parse(c) {
+            Some(c) => trusted_proxies.push(c),
+            None => problems.push(format!(
+                "server.trusted_proxies[{i}]: `{c}` is not an IP address or CIDR"
+            )),
+        }
+    }
+
+    // [oauth]
+    let o = &raw.oauth;
+    let issuer = opt_url("oauth.issuer", &o.issuer, problems).and(o.issuer.clone());
+    let endpoints = ExplicitEndpoints {
+        authorization_endpoint: opt_url(
+            "oauth.authorization_endpoint",
+            &o.authorization_endpoint,
+            problems,
+        ),
+        token_endpoint: opt_url("oauth.token_endpoint", &o.token_endpoint, problems),
+        jwks_uri: opt_url("oauth.jwks_uri", &o.jwks_uri, problems),
+        userinfo_endpoint: opt_url("oauth.userinfo_endpoint", &o.userinfo_endpoint, problems),
+        revocation_endpoint: opt_url(
+            "oauth.revocation_endpoint",
+            &o.revocation_endpoint,
+            problems,
+        ),
+        end_session_endpoint: opt_url(
+            "oauth.end_session_endpoint",
+            &o.end_session_endpoint,
+            problems,
+        ),
+    };
+    if o.issuer.is_none() {
+        problems.push(
+            "oauth.issuer: missing (the issuer identifier is needed for discovery and to check `iss` in ID tokens)"
+                .into(),
+        );
+    }
+    let client_id = match o.client_id.as_deref().map(str::trim) {
+        Some(id) if !id.is_empty() => id.to_string(),
+        _ => {
+            problems.push("oauth.client_id: missing".into());
+            String::new()
+        }
+    };
+    let client_secret = o
+        .client_secret
+        .clone()
+        .filter(|s| !s.is_empty())
+        .map(Secret);
+    let client_auth = match o.client_auth.as_str() {
+        "client_secret_basic" => Some(ClientAuth::ClientSecretBasic),
+        "client_secret_post" => Some(ClientAuth::ClientSecretPost),
+        "none" => Some(ClientAuth::None),
+        "private_key_jwt" => {
+            problems.push("oauth.client_auth: `private_key_jwt` is not supported by this version yet; use client_secret_basic, client_secret_post or none".into());
+            None
+        }
+        other => {
+            problems.push(format!(
+                "oauth.client_auth: `{other}` is not one of client_secret_basic, client_secret_post, none"
+            ));
+            None
+        }
+    };
+    if matches!(
+        client_auth,
+        Some(ClientAuth::ClientSecretBasic | ClientAuth::ClientSecretPost)
+    ) && client_secret.is_none()
+    {
+        problems.push(format!(
+            "oauth.client_secret: missing, but oauth.client_auth = \"{}\" needs it (set TOKENGATE_OAUTH__CLIENT_SECRET, or client_auth = \"none\" for a public client)",
+            o.client_auth
+        ));
+    }
+    if o.scopes.is_empty() {
+        problems.push("oauth.scopes: must not be empty".into());
+    }
+    for (i, s) in o.scopes.iter().enumerate() {
+        // RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
+        if s.is_empty()
+            || !s
+                .bytes()
+                .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b))
+        {
+            problems.push(format!(
+                "oauth.scopes[{i}]: `{s}` is not a valid scope token"
+            ));
+        }
+    }
+    for (i, r) in o.resources.iter().enumerate() {
+        match Url::parse(r) {
+            Ok(u) if u.fragment().is_none() => {}
+            _ => problems.push(format!(
+                "oauth.resources[{i}]: `{r}` must be an absolute URI without a fragment (RFC 8707 §2)"
+            )),
+        }
+    }
+    if !o.redirect_path.starts_with('/') || o.redirect_path.starts_with("//") {
+        problems.push(format!(
+            "oauth.redirect_path: `{}` must be an absolute path starting with a single /",
+            o.redirect_path
+        ));
+    }
+    const RESERVED: &[&str] = &[
+        "client_id",
+        "response_type",
+        "redirect_uri",
+        "scope",
+        "state",
+        "nonce",
+        "code_challenge",
+        "code_challenge_method",
+        "resource",
+    ];
+    for k in o.extra_authorize_params.keys() {
+        if RESERVED.contains(&k.as_str()) {
+            problems.push(format!(
+                "oauth.extra_authorize_params.{k}: tokengate sets this parameter itself"
+            ));
+        }
+    }
+    let redirect_uri = public_url.as_ref().and_then(|u| {
+        if o.redirect_path.starts_with('/') {
+            u.join(&o.redirect_path).ok()
+        } else {
+            None
+        }
+    });
+    let post_logout_redirect_uri = match &o.post_logout_redirect_uri {
+        Some(u) => {
+            parse_url("oauth.post_logout_redirect_uri", u, problems);
+            u.clone()
+        }
+        None => public_url
+            .as_ref()
+            .map(|u| u.as_str().to_string())
+            .unwrap_or_default(),
+    };
+    let refresh_skew = Duration::from_secs(o.refresh_skew_s);
+    let clock_skew = Duration::from_secs(o.clock_skew_s);
+    if o.clock_skew_s > 600 {
+        problems.push("oauth.clock_skew_s: at most 600 seconds".into());
+    }
+    let http_timeout = positive("oauth.http_timeout_s", o.http_timeout_s, problems);
+    let login_transaction_ttl = positive(
+        "oauth.login_transaction_ttl_s",
+        o.login_transaction_ttl_s,
+        problems,
+    );
+    if o.max_pending_logins == 0 || o.max_pending_logins > 20 {
+        problems.push("oauth.max_pending_logins: must be between 1 and 20".into());
+    }
+
+    // [session]
+    let store = match raw.session.store.as_str() {
+        "cookie" => Some(StoreKind::Cookie),
+        "redis" => {
+            problems.push(
+                "session.store: `redis` is not available in this version yet; use \"cookie\""
+                    .into(),
+            );
+            None
+        }
+        other => {
+            problems.push(format!(
+                "session.store: `{other}` is not one of cookie, redis"
+            ));
+            None
+        }
+    };
+    if let Some(u) = &raw.session.redis_url {
+        if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+            problems.push("session.redis_url: must start with redis:// or rediss://".into());
+        }
+    }
+    let mut keys = Vec::new();
+    for (i, k) in raw.session.keys.iter().enumerate() {
+        match decode_key(k) {
+            Ok(k) => keys.push(k),
+            Err(e) => problems.push(format!(
+                "session.keys[{i}]: {e} (generate one with `tokengate keygen`)"
+            )),
+        }
+    }
+    if raw.session.keys.is_empty() {
+        let mut k = [0u8; 32];
+        rand::Rng::fill(&mut rand::rngs::OsRng, &mut k);
+        keys.push(k);
+        warnings.push("session.keys is empty: generated a random key for this process only; sessions will not survive a restart and replicas will not share them. Set session.keys (see `tokengate keygen`).".into());
+    }
+    let idle_timeout = positive(
+        "session.idle_timeout_s",
+        raw.session.idle_timeout_s,
+        problems,
+    );
+    let absolute_timeout = positive(
+        "session.absolute_timeout_s",
+        raw.session.absolute_timeout_s,
+        problems,
+    );
+
+    // [csrf]
+    let header = match http::HeaderName::from_bytes(raw.csrf.header.as_bytes()) {
+        Ok(h) => Some(h),
+        Err(_) => {
+            problems.push(format!(
+                "csrf.header: `{}` is not a valid header name",
+                raw.csrf.header
+            ));
+            None
+        }
+    };
+
+    // [[routes]]
+    let mut routes: Vec<RouteConfig> = Vec::new();
+    for (i, r) in raw.routes.iter().enumerate() {
+        let prefix = r.prefix.trim_end_matches('/').to_string();
+        let mut ok = true;
+        if !r.prefix.starts_with('/') || prefix.is_empty() {
+            problems.push(format!(
+                "routes[{i}].prefix: `{}` must start with / and not be the root",
+                r.prefix
+            ));
+            ok = false;
+        } else if prefix
+            .split('/')
+            .skip(1)
+            .any(|seg| seg.is_empty() || seg == "." || seg == ".." || seg.contains(['%', '\\']))
+        {
+            problems.push(format!(
+                "routes[{i}].prefix: `{}` must be a plain path (no empty, dot or encoded segments)",
+                r.prefix
+            ));
+            ok = false;
+        }
+        let reserved = [
+            "/login",
+            "/logout",
+            "/refreshtoken",
+            "/userinfo",
+            "/healthz",
+            "/readyz",
+            "/metrics",
+            o.redirect_path.as_str(),
+        ];
+        if reserved.contains(&prefix.as_str()) {
+            problems.push(format!(
+                "routes[{i}].prefix: `{prefix}` is one of tokengate's own endpoints"
+            ));
+            ok = false;
+        }
+        if routes.iter().any(|x| x.prefix == prefix) {
+            problems.push(format!("routes[{i}].prefix: `{prefix}` is used twice"));
+            ok = false;
+        }
+        let upstream = if r.upstream.is_empty() {
+            problems.push(format!("routes[{i}].upstream: missing"));
+            None
+        } else {
+            let u = parse_url(&format!("routes[{i}].upstream"), &r.upstream, problems);
+            if let Some(u) = &u {
+                if u.query().is_some() || u.fragment().is_some() {
+                    problems.push(format!(
+                        "routes[{i}].upstream: `{}` must not have a query or fragment",
+                        r.upstream
+                    ));
+                }
+            }
+            u
+        };
+        let timeout = positive(
+            &format!("routes[{i}].timeout_s"),
+            r.timeout_s.unwrap_or(30),
+            problems,
+        );
+        if let (true, Some(upstream)) = (ok, upstream) {
+            routes.push(RouteConfig {
+                prefix,
+                upstream,
+                strip_prefix: r.strip_prefix,
+                resource: r.resource.clone(),
+                timeout,
+            });
+        }
+    }
+    // Longest prefix first, so `/api/admin` wins over `/api`.
+    routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+
+    // [log]
+    let format = match raw.log.format.as_str() {
+        "text" => Some(LogFormat::Text),
+        "json" => Some(LogFormat::Json),
+        other => {
+            problems.push(format!("log.format: `{other}` is not one of text, json"));
+            None
+        }
+    };
+
+    if let Some(u) = &public_url {
+        if u.scheme() != "https" && !is_loopback_host(u) {
+            warnings.push(format!(
+                "server.public_url `{u}` is not https: cookies are sent without Secure and without the __Host- prefix"
+            ));
+        }
+    }
+
+    Some(Config {
+        server: ServerConfig {
+            listen: listen?,
+            public_url: public_url?,
+            static_dir: raw.server.static_dir.filter(|s| !s.is_empty()),
+            spa_fallback: raw.server.spa_fallback,
+            trusted_proxies,
+        },
+        oauth: OAuthConfig {
+            issuer: issuer?,
+            client_id,
+            client_secret,
+            scopes: raw.oauth.scopes.clone(),
+            resources: raw.oauth.resources.clone(),
+            redirect_uri: redirect_uri?,
+            redirect_path: raw.oauth.redirect_path.clone(),
+            client_auth: client_auth?,
+            extra_authorize_params: raw.oauth.extra_authorize_params.clone(),
+            post_logout_redirect_uri,
+            endpoints,
+            refresh_skew,
+            clock_skew,
+            http_timeout,
+            login_transaction_ttl,
+            max_pending_logins: raw.oauth.max_pending_logins,
+        },
+        session: SessionConfig {
+            store: store?,
+            keys,
+            idle_timeout,
+            absolute_timeout,
+        },
+        csrf: CsrfConfig { header: header? },
+        routes,
+        log: LogConfig {
+            format: format?,
+            level: raw.log.level,
+        },
+        warnings,
+    })
+}
+
+fn is_loopback_host(u: &Url) -> bool {
+    match u.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+    fn minimal() -> String {
+        format!(
+            r#"
+[oauth]
+issuer = "http://127.0.0.1:9000"
+client_id = "tg"
+client_secret = "s"
+[session]
+keys = ["{KEY}"]
+"#
+        )
+    }
+
+    #[test]
+    fn minimal_config_loads_with_defaults() {
+        let c = Config::load(&minimal(), vec![]).expect("valid");
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(
+            c.oauth.redirect_uri.as_str(),
+            "http://localhost:8080/oauth-callback"
+        );
+        assert_eq!(c.oauth.client_auth, ClientAuth::ClientSecretBasic);
+        assert_eq!(c.csrf.header.as_str(), "x-csrf");
+    }
+
+    #[test]
+    fn env_overrides_win_and_keep_strings_strings() {
+        let env = vec![
+            (
+                "TOKENGATE_OAUTH__CLIENT_SECRET".to_string(),
+                "12345".to_string(),
+            ),
+            (
+                "TOKENGATE_SERVER__LISTEN".to_string(),
+                "127.0.0.1:9999".to_string(),
+            ),
+            (
+                "TOKENGATE_ROUTES__0__PREFIX".to_string(),
+                "/api".to_string(),
+            ),
+            (
+                "TOKENGATE_ROUTES__0__UPSTREAM".to_string(),
+                "http://127.0.0.1:3000".to_string(),
+            ),
+            ("OTHER_VAR".to_string(), "ignored".to_string()),
+        ];
+        let c = Config::load(&minimal(), env).expect("valid");
+        assert_eq!(
+            c.oauth.client_secret.as_ref().map(|s| s.expose()),
+            Some("12345")
+        );
+        assert_eq!(c.server.listen.port(), 9999);
+        assert_eq!(c.routes[0].prefix, "/api");
+    }
+
+    #[test]
+    fn all_problems_are_reported_at_once() {
+        let text = r#"
+[server]
+public_url = "not a url"
+bogus = 1
+[oauth]
+issuer = "ftp://x"
+[session]
+keys = ["c2hvcnQ="]
+[[routes]]
+prefix = "api"
+upstream = "http://127.0.0.1:1"
+"#;
+        let e = Config::load(text, vec![]).expect_err("invalid");
+        let msg = e.to_string();
+        for needle in [
+            "server.public_url",
+            "server.bogus: unknown key",
+            "oauth.issuer",
+            "oauth.client_id: missing",
+            "session.keys[0]",
+            "routes[0].prefix",
+        ] {
+            assert!(msg.contains(needle), "missing {needle} in:\n{msg}");
+        }
+    }
+
+    #[test]
+    fn secrets_are_not_in_debug_output() {
+        let c = Config::load(&minimal(), vec![]).expect("valid");
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains(KEY));
+        assert!(dbg.contains("[redacted]"));
+    }
+
+    #[test]
+    fn cidr_matching() {
+        let c = Cidr::parse("10.0.0.0/8").expect("cidr");
+        assert!(c.contains("10.1.2.3".parse().expect("ip")));
+        assert!(!c.contains("11.1.2.3".parse().expect("ip")));
+        assert!(c.contains("::ffff:10.0.0.1".parse().expect("ip")));
+        let one = Cidr::parse("127.0.0.1").expect("cidr");
+        assert!(one.contains("127.0.0.1".parse().expect("ip")));
+        assert!(Cidr::parse("10.0.0.0/33").is_none());
+    }
+}

@@ -1,0 +1,253 @@
+//! Requests to the authorization server's token, revocation and userinfo endpoints, with client
+//! authentication (RFC 6749 §2.3) and errors told apart: an OAuth error the IdP chose to send
+//! (e.g. `invalid_grant`, fatal) versus the IdP failing or timing out (transient).
+
+use std::borrow::Cow;
+
+use oauth2::{AccessToken, RefreshToken};
+use serde::Deserialize;
+
+use super::{Idp, Metadata};
+use crate::config::ClientAuth;
+
+/// A token endpoint answer (RFC 6749 §5.1, OIDC Core §3.1.3.3).
+#[derive(Debug, Clone, Deserialize)]
+pub struct TokenResponse {
+    pub access_token: AccessToken,
+    pub token_type: String,
+    #[serde(default)]
+    pub expires_in: Option<u64>,
+    #[serde(default)]
+    pub refresh_token: Option<RefreshToken>,
+    #[serde(default)]
+    pub id_token: Option<String>,
+    #[serde(default)]
+    pub scope: Option<String>,
+}
+
+/// What went wrong talking to the IdP. Messages carry no token, code or secret.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum IdpError {
+    /// The IdP answered with an OAuth error (RFC 6749 §5.2).
+    #[error("the authorization server answered `{error}` (HTTP {status})")]
+    OAuth {
+        status: u16,
+        error: String,
+        description: Option<String>,
+    },
+    #[error("the authorization server failed with HTTP {0}")]
+    Status(u16),
+    #[error("the authorization server did not answer in time")]
+    Timeout,
+    #[error("the authorization server could not be reached: {0}")]
+    Transport(String),
+    #[error("the authorization server sent an unusable response: {0}")]
+    InvalidResponse(Cow<'static, str>),
+    #[error("the authorization server's metadata is not loaded yet")]
+    NotReady,
+    #[error("the authorization server has no {0}")]
+    Unsupported(&'static str),
+}
+
+impl IdpError {
+    /// `invalid_grant`: the refresh token (or code) is dead; the session cannot go on.
+    pub fn is_invalid_grant(&self) -> bool {
+        matches!(self, IdpError::OAuth { error, .. } if error == "invalid_grant")
+    }
+
+    fn from_reqwest(e: reqwest::Error) -> Self {
+        if e.is_timeout() {
+            IdpError::Timeout
+        } else {
+            // Without the URL: query strings could in principle carry something sensitive.
+            IdpError::Transport(e.without_url().to_string())
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct OAuthErrorBody {
+    error: String,
+    error_description: Option<String>,
+}
+
+/// RFC 6749 §2.3.1: client id and secret are form-urlencoded before Basic encoding.
+fn form_encode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+impl Idp {
+    pub fn ready_metadata(&self) -> Result<std::sync::Arc<Metadata>, IdpError> {
+        self.metadata().ok_or(IdpError::NotReady)
+    }
+
+    /// A POST to `endpoint` with client authentication added as configured.
+    fn authenticated_post(
+        &self,
+        endpoint: &url::Url,
+        mut form: Vec<(&'static str, String)>,
+    ) -> reqwest::RequestBuilder {
+        let cfg = &self.config;
+        let mut req = self
+            .http()
+            .post(endpoint.clone())
+            .header(http::header::ACCEPT, "application/json");
+        match cfg.client_auth {
+            ClientAuth::ClientSecretBasic => {
+                let secret = cfg
+                    .client_secret
+                    .as_ref()
+                    .map(|s| form_encode(s.expose()))
+                    .unwrap_or_default();
+                req = req.basic_auth(form_encode(&cfg.client_id), Some(secret));
+            }
+            ClientAuth::ClientSecretPost => {
+                form.push(("client_id", cfg.client_id.clone()));
+                if let Some(s) = &cfg.client_secret {
+                    form.push(("client_secret", s.expose().to_string()));
+                }
+            }
+            ClientAuth::None => form.push(("client_id", cfg.client_id.clone())),
+        }
+        req.form(&form)
+    }
+
+    async fn token_request(
+        &self,
+        mut form: Vec<(&'static str, String)>,
+    ) -> Result<TokenResponse, IdpError> {
+        let md = self.ready_metadata()?;
+        for r in &self.config.resources {
+            form.push(("resource", r.clone()));
+        }
+        let resp = self
+            .authenticated_post(&md.token_endpoint, form)
+            .send()
+            .await
+            .map_err(IdpError::from_reqwest)?;
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(IdpError::from_reqwest)?;
+        if status.is_success() {
+            let t: TokenResponse = serde_json::from_slice(&body).map_err(|_| {
+                IdpError::InvalidResponse("token response is not valid JSON".into())
+            })?;
+            // RFC 6749 §7.1: we only know how to use bearer tokens.
+            if !t.token_type.eq_ignore_ascii_case("bearer") {
+                return Err(IdpError::InvalidResponse(
+                    format!("unsupported token_type `{}`", t.token_type.escape_default()).into(),
+                ));
+            }
+            if t.access_token.secret().is_empty() {
+                return Err(IdpError::InvalidResponse("empty access_token".into()));
+            }
+            return Ok(t);
+        }
+        if status.is_client_error() {
+            if let Ok(e) = serde_json::from_slice::<OAuthErrorBody>(&body) {
+                return Err(IdpError::OAuth {
+                    status: status.as_u16(),
+                    error: e.error,
+                    description: e.error_description,
+                });
+            }
+        }
+        Err(IdpError::Status(status.as_u16()))
+    }
+
+    /// Redeems an authorization code (RFC 6749 §4.1.3) with its PKCE verifier (RFC 7636 §4.5).
+    pub async fn exchange_code(
+        &self,
+        code: &str,
+        code_verifier: &str,
+    ) -> Result<TokenResponse, IdpError> {
+        self.token_request(vec![
+            ("grant_type", "authorization_code".into()),
+            ("code", code.to_string()),
+            ("redirect_uri", self.config.redirect_uri.to_string()),
+            ("code_verifier", code_verifier.to_string()),
+        ])
+        .await
+    }
+
+    /// Refresh grant (RFC 6749 §6).
+    pub async fn refresh(&self, refresh_token: &RefreshToken) -> Result<TokenResponse, IdpError> {
+        self.token_request(vec![
+            ("grant_type", "refresh_token".into()),
+            ("refresh_token", refresh_token.secret().clone()),
+        ])
+        .await
+    }
+
+    /// Token revocation (RFC 7009 §2.1). Unsupported when the IdP has no revocation endpoint.
+    pub async fn revoke(&self, token: &str, hint: &'static str) -> Result<(), IdpError> {
+        let md = self.ready_metadata()?;
+        let endpoint = md
+            .revocation_endpoint
+            .as_ref()
+            .ok_or(IdpError::Unsupported("revocation endpoint"))?;
+        let resp = self
+            .authenticated_post(
+                endpoint,
+                vec![
+                    ("token", token.to_string()),
+                    ("token_type_hint", hint.into()),
+                ],
+            )
+            .send()
+            .await
+            .map_err(IdpError::from_reqwest)?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(IdpError::Status(resp.status().as_u16()))
+        }
+    }
+
+    /// The UserInfo endpoint (OIDC Core §5.3), JSON answers only.
+    pub async fn userinfo(
+        &self,
+        access_token: &AccessToken,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, IdpError> {
+        let md = self.ready_metadata()?;
+        let endpoint = md
+            .userinfo_endpoint
+            .as_ref()
+            .ok_or(IdpError::Unsupported("userinfo endpoint"))?;
+        let resp = self
+            .http()
+            .get(endpoint.clone())
+            .bearer_auth(access_token.secret())
+            .header(http::header::ACCEPT, "application/json")
+            .send()
+            .await
+            .map_err(IdpError::from_reqwest)?;
+        if !resp.status().is_success() {
+            return Err(IdpError::Status(resp.status().as_u16()));
+        }
+        resp.json()
+            .await
+            .map_err(|_| IdpError::InvalidResponse("userinfo is not a JSON object".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_auth_credentials_are_form_encoded() {
+        assert_eq!(form_encode("a b:c/é"), "a+b%3Ac%2F%C3%A9");
+    }
+
+    #[test]
+    fn invalid_grant_is_told_apart() {
+        let e = IdpError::OAuth {
+            status: 400,
+            error: "invalid_grant".into(),
+            description: None,
+        };
+        assert!(e.is_invalid_grant());
+        assert!(!IdpError::Status(503).is_invalid_grant());
+        assert!(!IdpError::Timeout.is_invalid_grant());
+    }
+}

@@ -1,0 +1,153 @@
+//! Forwarding one API call, in phases:
+//! `request_filter` (CSRF, path, session, fresh token) → `upstream_request_filter` (URI, header
+//! rules, bearer token) → send (timeout) → `response_filter` (hop-by-hop, our cookies).
+//! Bodies stream both ways; nothing is buffered.
+
+use std::net::SocketAddr;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::response::{IntoResponse, Response};
+use http::{header, HeaderValue};
+use tower::ServiceExt;
+use tower_cookies::Cookies;
+
+use super::headers;
+use super::path::is_clean;
+use super::upstream::upstream_uri;
+use crate::config::RouteConfig;
+use crate::error::ApiError;
+use crate::session::extract::{check_csrf, ensure_fresh, require_session};
+use crate::state::AppState;
+
+/// Everything that is not one of tokengate's own endpoints: an API route, or the SPA.
+pub async fn fallback(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    cookies: Cookies,
+    req: Request,
+) -> Response {
+    let path = req.uri().path();
+    if !is_clean(path) {
+        return ApiError::invalid_request("the request path is not allowed").into_response();
+    }
+    match state.upstreams.route_for(path).cloned() {
+        Some(route) => match proxy(&state, &route, peer, &cookies, req).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        },
+        None => static_files(&state, req).await,
+    }
+}
+
+async fn proxy(
+    state: &AppState,
+    route: &RouteConfig,
+    peer: SocketAddr,
+    cookies: &Cookies,
+    req: Request,
+) -> Result<Response, ApiError> {
+    // request_filter
+    check_csrf(state, req.headers())?;
+    let mut session = require_session(state, cookies).await?;
+    ensure_fresh(state, cookies, &mut session).await?;
+
+    // upstream_request_filter
+    let (mut parts, body) = req.into_parts();
+    let uri = upstream_uri(route, parts.uri.path(), parts.uri.query()).map_err(|e| {
+        ApiError::invalid_request("the request URI cannot be forwarded").with_cause(e)
+    })?;
+    let h = &mut parts.headers;
+    headers::strip_hop_by_hop(h);
+    h.remove(header::HOST);
+    headers::strip_our_cookies(h, state.store.rules());
+    headers::set_authorization(h, session.access_token.secret());
+    let cfg = &state.config.server;
+    let trusted = cfg.trusted_proxies.iter().any(|c| c.contains(peer.ip()));
+    headers::set_forwarded(
+        h,
+        peer.ip(),
+        trusted,
+        cfg.public_url.scheme(),
+        public_host(&cfg.public_url).as_str(),
+    );
+    parts.uri = uri;
+    parts.version = http::Version::HTTP_11;
+    let upstream_req = http::Request::from_parts(parts, body);
+
+    // send
+    let sent =
+        tokio::time::timeout(route.timeout, state.upstreams.client.request(upstream_req)).await;
+    let resp = match sent {
+        Err(_) => return Err(ApiError::gateway_timeout("the API did not answer in time")),
+        Ok(Err(e)) => {
+            return Err(ApiError::bad_gateway("the API could not be reached").with_cause(e))
+        }
+        Ok(Ok(r)) => r,
+    };
+
+    // response_filter
+    let (mut parts, body) = resp.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    headers::strip_our_set_cookies(&mut parts.headers, state.store.rules());
+    Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+fn public_host(u: &url::Url) -> String {
+    match (u.host_str(), u.port()) {
+        (Some(h), Some(p)) => format!("{h}:{p}"),
+        (Some(h), None) => h.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// The SPA: files from `server.static_dir`; unknown paths of HTML navigations get `index.html`
+/// (client-side routing) when `server.spa_fallback` is on.
+async fn static_files(state: &AppState, req: Request) -> Response {
+    let Some(dir) = state.config.server.static_dir.clone() else {
+        return ApiError::not_found().into_response();
+    };
+    let wants_html = req.method() == http::Method::GET
+        && req
+            .headers()
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains("text/html"));
+    let serve = tower_http::services::ServeDir::new(&dir).append_index_html_on_directories(true);
+    let resp = match serve.oneshot(req).await {
+        Ok(r) => r.map(Body::new),
+        Err(never) => match never {},
+    };
+    let resp = if resp.status() == http::StatusCode::NOT_FOUND {
+        if state.config.server.spa_fallback && wants_html {
+            let index = std::path::Path::new(&dir).join("index.html");
+            match tokio::fs::read(&index).await {
+                Ok(bytes) => {
+                    let mut r = Response::new(Body::from(bytes));
+                    r.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("text/html; charset=utf-8"),
+                    );
+                    r
+                }
+                Err(_) => ApiError::not_found().into_response(),
+            }
+        } else {
+            ApiError::not_found().into_response()
+        }
+    } else {
+        resp
+    };
+    with_static_security_headers(resp)
+}
+
+fn with_static_security_headers(mut resp: Response) -> Response {
+    let h = resp.headers_mut();
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    resp
+}

@@ -1,0 +1,294 @@
+//! Header rules of the proxy, each a pure function with its own test.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::session::cookie::CookieRules;
+
+/// RFC 9110 §7.6.1 hop-by-hop headers, plus the legacy ones proxies still see.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Identity headers that some auth proxies set for their upstreams: a browser must never be able
+/// to supply them, so they are dropped on the way in.
+const SPOOFABLE_IDENTITY: &[&str] = &[
+    "x-forwarded-user",
+    "x-forwarded-email",
+    "x-forwarded-preferred-username",
+    "x-forwarded-groups",
+    "x-forwarded-access-token",
+    "x-auth-request-user",
+    "x-auth-request-email",
+    "x-auth-request-preferred-username",
+    "x-auth-request-groups",
+    "x-auth-request-access-token",
+    "x-remote-user",
+    "remote-user",
+    "x-user",
+    "x-userinfo",
+    "x-id-token",
+];
+
+/// Removes hop-by-hop headers and every header named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in listed {
+        headers.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        headers.remove(*n);
+    }
+}
+
+/// Removes tokengate's cookies from `Cookie`, keeping the SPA's others in their order.
+pub fn strip_our_cookies(headers: &mut HeaderMap, rules: &CookieRules) {
+    let values: Vec<HeaderValue> = headers.get_all(header::COOKIE).iter().cloned().collect();
+    if values.is_empty() {
+        return;
+    }
+    let mut kept: Vec<&[u8]> = Vec::new();
+    for v in &values {
+        for pair in v.as_bytes().split(|&b| b == b';') {
+            let trimmed = trim_ascii(pair);
+            if trimmed.is_empty() {
+                continue;
+            }
+            let name = trimmed.split(|&b| b == b'=').next().unwrap_or(b"");
+            let ours = std::str::from_utf8(trim_ascii(name)).is_ok_and(|n| rules.is_ours(n));
+            if !ours {
+                kept.push(trimmed);
+            }
+        }
+    }
+    headers.remove(header::COOKIE);
+    if !kept.is_empty() {
+        if let Ok(v) = HeaderValue::from_bytes(&kept.join(&b"; "[..])) {
+            headers.insert(header::COOKIE, v);
+        }
+    }
+}
+
+fn trim_ascii(b: &[u8]) -> &[u8] {
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
+    &b[start..end]
+}
+
+/// Drops the browser's `Authorization` and spoofable identity headers; sets our bearer token.
+pub fn set_authorization(headers: &mut HeaderMap, access_token: &str) {
+    headers.remove(header::AUTHORIZATION);
+    for n in SPOOFABLE_IDENTITY {
+        headers.remove(*n);
+    }
+    if let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {access_token}")) {
+        v.set_sensitive(true);
+        headers.insert(header::AUTHORIZATION, v);
+    }
+}
+
+/// Sets `X-Forwarded-For/-Proto/-Host`. Values the client sent are believed only when the peer
+/// is a trusted proxy; otherwise they and `Forwarded` are replaced.
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    peer: IpAddr,
+    trusted_peer: bool,
+    proto: &str,
+    host: &str,
+) {
+    let prior_xff = if trusted_peer {
+        headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    } else {
+        String::new()
+    };
+    let keep_proto_host = trusted_peer
+        && headers.contains_key("x-forwarded-proto")
+        && headers.contains_key("x-forwarded-host");
+    if !trusted_peer {
+        headers.remove("forwarded");
+    }
+    headers.remove("x-forwarded-for");
+    let xff = if prior_xff.is_empty() {
+        peer.to_string()
+    } else {
+        format!("{prior_xff}, {peer}")
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    if !keep_proto_host {
+        headers.insert(
+            "x-forwarded-proto",
+            HeaderValue::from_str(proto).unwrap_or(HeaderValue::from_static("http")),
+        );
+        if let Ok(v) = HeaderValue::from_str(host) {
+            headers.insert("x-forwarded-host", v);
+        }
+    }
+}
+
+/// Drops `Set-Cookie`s from the API that would overwrite tokengate's cookies.
+pub fn strip_our_set_cookies(headers: &mut HeaderMap, rules: &CookieRules) {
+    let kept: Vec<HeaderValue> = headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter(|v| {
+            let name = v
+                .as_bytes()
+                .split(|&b| b == b'=')
+                .next()
+                .map(trim_ascii)
+                .unwrap_or(b"");
+            !std::str::from_utf8(name).is_ok_and(|n| rules.is_ours(n))
+        })
+        .cloned()
+        .collect();
+    headers.remove(header::SET_COOKIE);
+    for v in kept {
+        headers.append(header::SET_COOKIE, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_are_removed() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret-hop"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret-hop", "1"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-authorization", "Basic x"),
+            ("x-kept", "yes"),
+            ("accept", "application/json"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2);
+        assert_eq!(h["x-kept"], "yes");
+        assert_eq!(h["accept"], "application/json");
+    }
+
+    #[test]
+    fn only_our_cookies_are_removed() {
+        let rules = CookieRules::new(false);
+        let mut h = map(&[
+            ("cookie", "theme=dark; tg_session=abc; tg_tx_xyz=1"),
+            ("cookie", "tg_session.0=a; lang=en"),
+        ]);
+        strip_our_cookies(&mut h, &rules);
+        assert_eq!(h.get_all("cookie").iter().count(), 1);
+        assert_eq!(h["cookie"], "theme=dark; lang=en");
+        let mut only_ours = map(&[("cookie", "tg_session=abc")]);
+        strip_our_cookies(&mut only_ours, &rules);
+        assert!(!only_ours.contains_key("cookie"));
+    }
+
+    #[test]
+    fn authorization_is_replaced_and_identity_headers_dropped() {
+        let mut h = map(&[
+            ("authorization", "Bearer attacker"),
+            ("x-forwarded-user", "admin"),
+            ("x-auth-request-email", "a@b"),
+        ]);
+        set_authorization(&mut h, "real");
+        assert_eq!(h["authorization"], "Bearer real");
+        assert!(h["authorization"].is_sensitive());
+        assert!(!h.contains_key("x-forwarded-user"));
+        assert!(!h.contains_key("x-auth-request-email"));
+    }
+
+    #[test]
+    fn forwarded_headers_from_untrusted_peers_are_replaced() {
+        let mut h = map(&[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-host", "evil.com"),
+            ("x-forwarded-proto", "https"),
+            ("forwarded", "for=6.6.6.6"),
+        ]);
+        set_forwarded(
+            &mut h,
+            "10.0.0.1".parse().expect("ip"),
+            false,
+            "http",
+            "app.example.com",
+        );
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1");
+        assert_eq!(h["x-forwarded-host"], "app.example.com");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert!(!h.contains_key("forwarded"));
+    }
+
+    #[test]
+    fn forwarded_headers_from_trusted_peers_are_appended() {
+        let mut h = map(&[
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-host", "app.example.com"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        set_forwarded(
+            &mut h,
+            "10.0.0.1".parse().expect("ip"),
+            true,
+            "http",
+            "internal",
+        );
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "app.example.com");
+    }
+
+    #[test]
+    fn api_cannot_set_our_cookies() {
+        let rules = CookieRules::new(false);
+        let mut h = map(&[
+            ("set-cookie", "tg_session=evil; Path=/"),
+            ("set-cookie", "app=1; Path=/"),
+            ("set-cookie", "tg_tx_abc=evil"),
+        ]);
+        strip_our_set_cookies(&mut h, &rules);
+        let v: Vec<_> = h.get_all("set-cookie").iter().collect();
+        assert_eq!(v, vec!["app=1; Path=/"]);
+    }
+}

@@ -1,0 +1,12 @@
+//! Sessions: what they hold ([`tokens`]), how they are sealed ([`seal`]) and carried in cookies
+//! ([`cookie`]), where they live ([`store`]), the checks in front of them ([`extract`]), and
+//! token refresh ([`refresh`]).
+
+pub mod cookie;
+pub mod extract;
+pub mod refresh;
+pub mod seal;
+pub mod store;
+pub mod tokens;
+
+pub use tokens::Session;

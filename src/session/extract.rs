@@ -1,0 +1,148 @@
+//! The checks in front of every session-using endpoint: CSRF defence (custom header, Fetch
+//! Metadata, Origin), then the session itself with its timeouts.
+
+use http::{header, HeaderMap};
+use tower_cookies::Cookies;
+
+use super::store::Loaded;
+use super::tokens::{now_s, Session};
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Re-issue the session cookie for the idle timeout at most this often (not on every request).
+const TOUCH_INTERVAL_S: u64 = 60;
+
+/// CSRF defence for state-changing and API requests:
+/// 1. the configured custom header must be present: a cross-site form or `<img>` cannot add it,
+///    and a cross-origin `fetch` that adds it needs a CORS preflight we never approve;
+/// 2. `Sec-Fetch-Site: cross-site` is refused (Fetch Metadata);
+/// 3. an `Origin` header, when sent, must be our own origin.
+pub fn check_csrf(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    if !headers.contains_key(&state.config.csrf.header) {
+        return Err(ApiError::forbidden(format!(
+            "the {} header is required",
+            state.config.csrf.header
+        )));
+    }
+    if headers
+        .get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"cross-site"))
+    {
+        return Err(ApiError::forbidden("cross-site requests are not allowed"));
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        if origin.as_bytes() != state.origin.as_bytes() {
+            return Err(ApiError::forbidden("the request's Origin is not allowed"));
+        }
+    }
+    Ok(())
+}
+
+/// Loads the session or answers 401 (clearing a cookie that is unreadable or expired).
+pub async fn require_session(state: &AppState, cookies: &Cookies) -> Result<Session, ApiError> {
+    match optional_session(state, cookies).await? {
+        Some(s) => Ok(s),
+        None => Err(ApiError::unauthorized("no session: log in first")),
+    }
+}
+
+/// Loads the session if there is a usable one; unreadable or expired cookies are cleared.
+pub async fn optional_session(
+    state: &AppState,
+    cookies: &Cookies,
+) -> Result<Option<Session>, ApiError> {
+    let store = &state.store;
+    let mut session = match store.load(cookies).await.map_err(ApiError::internal)? {
+        Loaded::None => return Ok(None),
+        Loaded::Unreadable => {
+            tracing::info!("unreadable session cookie cleared");
+            store.remove(cookies, None).await;
+            return Ok(None);
+        }
+        Loaded::Some(s) => s,
+    };
+    let now = now_s();
+    let cfg = &state.config.session;
+    if let Err(why) = session.check_timeouts(now, cfg.idle_timeout, cfg.absolute_timeout) {
+        tracing::info!(reason = ?why, "session expired");
+        store.remove(cookies, Some(&session)).await;
+        return Ok(None);
+    }
+    if now.saturating_sub(session.last_seen) >= TOUCH_INTERVAL_S {
+        session.last_seen = now;
+        store
+            .save(cookies, &session)
+            .await
+            .map_err(ApiError::internal)?;
+    }
+    Ok(Some(session))
+}
+
+/// Makes sure `session`'s access token is usable for a while (`oauth.refresh_skew_s`), refreshing
+/// it (single-flight) and saving the result when needed.
+///
+/// Failure handling: `invalid_grant` ends the session (401, cookies cleared); an IdP outage keeps
+/// the session and answers 503 only when the current token has already expired.
+pub async fn ensure_fresh(
+    state: &AppState,
+    cookies: &Cookies,
+    session: &mut Session,
+) -> Result<(), ApiError> {
+    let now = now_s();
+    if !session.needs_refresh(now, state.config.oauth.refresh_skew) {
+        return Ok(());
+    }
+    force_refresh(state, cookies, session).await.or_else(|e| {
+        // Still valid: a transient failure does not stop the request.
+        if e.status == http::StatusCode::SERVICE_UNAVAILABLE && session.expires_in(now) > Some(0) {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    })
+}
+
+/// Refreshes now (single-flight) and saves the session.
+pub async fn force_refresh(
+    state: &AppState,
+    cookies: &Cookies,
+    session: &mut Session,
+) -> Result<(), ApiError> {
+    use super::refresh::RefreshError;
+    match state.refresher.refresh(&state.idp, session).await {
+        Ok(r) => {
+            session.apply(&r);
+            state
+                .store
+                .save(cookies, session)
+                .await
+                .map_err(ApiError::internal)?;
+            Ok(())
+        }
+        Err(RefreshError::NoRefreshToken) => {
+            if session.expires_in(now_s()) == Some(0) {
+                state.store.remove(cookies, Some(session)).await;
+                Err(ApiError::unauthorized(
+                    "the session's access token expired and cannot be refreshed: log in again",
+                ))
+            } else {
+                Err(ApiError::invalid_request(
+                    "the session has no refresh token",
+                ))
+            }
+        }
+        Err(RefreshError::Fatal(why)) => {
+            tracing::info!(reason = %why, "session ended by the authorization server");
+            state.store.remove(cookies, Some(session)).await;
+            Err(ApiError::new(
+                http::StatusCode::UNAUTHORIZED,
+                "invalid_grant",
+                "the session has ended: log in again",
+            ))
+        }
+        Err(RefreshError::Transient(e)) => Err(ApiError::unavailable(
+            "the authorization server is unavailable; try again shortly",
+        )
+        .with_cause(e)),
+    }
+}

@@ -1,0 +1,190 @@
+//! Access-token refresh with single-flight: concurrent requests of one session share ONE refresh
+//! grant, and a request that still carries the pre-rotation cookie shortly after a refresh gets the
+//! new tokens instead of replaying the old refresh token (which a rotating IdP would answer with
+//! `invalid_grant`, or treat as token theft and revoke the whole family).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use oauth2::RefreshToken;
+use sha2::{Digest, Sha256};
+use tokio::sync::OnceCell;
+
+use super::tokens::{now_s, Session};
+use crate::idp::{Idp, IdpError};
+
+/// How long the result of a refresh is reused for requests carrying the old refresh token.
+pub const REUSE_WINDOW: Duration = Duration::from_secs(30);
+/// Bound on remembered refreshes (memory stays flat under load).
+const MAX_ENTRIES: usize = 100_000;
+
+/// New tokens from a refresh grant, ready to merge into a session.
+#[derive(Debug, Clone)]
+pub struct Refreshed {
+    pub response: crate::idp::TokenResponse,
+    pub obtained_at: u64,
+    /// The validated `sub` of a new ID token, when one came back.
+    pub id_sub: Option<String>,
+}
+
+/// Why a refresh did not yield tokens.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RefreshError {
+    #[error("the session has no refresh token")]
+    NoRefreshToken,
+    /// `invalid_grant` (or a bad new ID token): the session is over.
+    #[error("the refresh token was rejected: {0}")]
+    Fatal(String),
+    /// The IdP failed or timed out: keep the session, try again later.
+    #[error("refresh failed for now: {0}")]
+    Transient(IdpError),
+}
+
+type Outcome = Result<Arc<Refreshed>, RefreshError>;
+
+struct Entry {
+    started: Instant,
+    cell: Arc<OnceCell<Outcome>>,
+}
+
+/// Coordinates refreshes within this process.
+#[derive(Default)]
+pub struct Refresher {
+    entries: Mutex<HashMap<[u8; 32], Entry>>,
+}
+
+impl std::fmt::Debug for Refresher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Refresher")
+    }
+}
+
+/// The single-flight key: the session and the exact refresh token it holds (hashed: the map never
+/// holds a usable token).
+fn key(session_id: &str, rt: &RefreshToken) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(session_id.as_bytes());
+    h.update([0]);
+    h.update(rt.secret().as_bytes());
+    h.finalize().into()
+}
+
+impl Refresher {
+    /// Refreshes `session`'s tokens, joining a refresh already under way (or just done) for the
+    /// same refresh token.
+    pub async fn refresh(&self, idp: &Idp, session: &Session) -> Outcome {
+        let rt = session
+            .refresh_token
+            .clone()
+            .ok_or(RefreshError::NoRefreshToken)?;
+        let k = key(&session.id, &rt);
+        let cell = {
+            let mut map = self
+                .entries
+                .lock()
+                .map_err(|_| RefreshError::Transient(IdpError::NotReady))?;
+            let reusable = map.get(&k).is_some_and(|e| {
+                e.started.elapsed() < REUSE_WINDOW
+                    // A transient failure is not reused once settled: the next request retries.
+                    && !matches!(e.cell.get(), Some(Err(RefreshError::Transient(_))))
+            });
+            if !reusable {
+                if map.len() >= MAX_ENTRIES {
+                    map.retain(|_, e| e.started.elapsed() < REUSE_WINDOW);
+                }
+                map.insert(
+                    k,
+                    Entry {
+                        started: Instant::now(),
+                        cell: Arc::new(OnceCell::new()),
+                    },
+                );
+            }
+            map.get(&k).map(|e| Arc::clone(&e.cell))
+        };
+        let Some(cell) = cell else {
+            return Err(RefreshError::Transient(IdpError::NotReady));
+        };
+        // If the request that started the refresh goes away, the next waiter takes over.
+        let outcome = cell
+            .get_or_init(|| async {
+                let result = do_refresh(idp, &rt, session).await;
+                match &result {
+                    Ok(_) => tracing::debug!("access token refreshed"),
+                    Err(e) => tracing::info!(error = %e, "refresh failed"),
+                }
+                result
+            })
+            .await
+            .clone();
+        self.sweep();
+        outcome
+    }
+
+    fn sweep(&self) {
+        if let Ok(mut map) = self.entries.lock() {
+            if map.len() > 1024 {
+                map.retain(|_, e| e.started.elapsed() < REUSE_WINDOW);
+            }
+        }
+    }
+}
+
+async fn do_refresh(idp: &Idp, rt: &RefreshToken, session: &Session) -> Outcome {
+    let resp = idp.refresh(rt).await.map_err(|e| {
+        if let IdpError::OAuth { error, .. } = &e {
+            // RFC 6749 §5.2: these mean the grant cannot succeed if retried.
+            if matches!(
+                error.as_str(),
+                "invalid_grant"
+                    | "invalid_client"
+                    | "unauthorized_client"
+                    | "unsupported_grant_type"
+            ) {
+                return RefreshError::Fatal(e.to_string());
+            }
+        }
+        RefreshError::Transient(e)
+    })?;
+    // OIDC Core §12.2: a new ID token must be about the same user.
+    let id_sub = match &resp.id_token {
+        Some(t) => {
+            let c = idp
+                .validate_id_token(t, None, Duration::from_secs(600))
+                .await
+                .map_err(|e| RefreshError::Fatal(format!("new ID token refused: {e}")))?;
+            if c.sub != session.subject {
+                return Err(RefreshError::Fatal(
+                    "new ID token names another subject".into(),
+                ));
+            }
+            Some(c.sub)
+        }
+        None => None,
+    };
+    Ok(Arc::new(Refreshed {
+        response: resp,
+        obtained_at: now_s(),
+        id_sub,
+    }))
+}
+
+impl Session {
+    /// Merges refreshed tokens: a rotated refresh token replaces the old one (RFC 6749 §6), an
+    /// absent one means the old one stays valid.
+    pub fn apply(&mut self, r: &Refreshed) {
+        let t = &r.response;
+        self.access_token = t.access_token.clone();
+        if let Some(rt) = &t.refresh_token {
+            self.refresh_token = Some(rt.clone());
+        }
+        if let Some(it) = &t.id_token {
+            self.id_token = Some(it.clone());
+        }
+        self.expires_at = t.expires_in.map(|s| r.obtained_at.saturating_add(s));
+        if t.scope.is_some() {
+            self.scope = t.scope.clone();
+        }
+    }
+}

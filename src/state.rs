@@ -1,0 +1,44 @@
+//! Shared state of the running service: cheap to clone, everything behind `Arc`.
+
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::idp::Idp;
+use crate::proxy::upstream::Upstreams;
+use crate::session::refresh::Refresher;
+use crate::session::seal::Sealer;
+use crate::session::store::SessionStore;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    /// `public_url`'s origin as browsers send it in `Origin`.
+    pub origin: Arc<str>,
+    pub idp: Arc<Idp>,
+    /// Seals cookies other than the session (login transactions).
+    pub sealer: Sealer,
+    pub store: SessionStore,
+    pub refresher: Arc<Refresher>,
+    pub upstreams: Arc<Upstreams>,
+    pub userinfo_cache: Arc<crate::auth::userinfo::Cache>,
+}
+
+impl AppState {
+    pub fn new(config: Config) -> anyhow::Result<Self> {
+        let sealer = Sealer::new(&config.session.keys);
+        let rules = crate::session::cookie::CookieRules::new(config.server.is_https());
+        let store = SessionStore::cookie(sealer.clone(), rules, config.session.absolute_timeout);
+        let idp = Idp::new(config.oauth.clone())?;
+        let upstreams = Arc::new(Upstreams::new(&config.routes)?);
+        Ok(Self {
+            origin: config.server.origin().into(),
+            config: Arc::new(config),
+            idp,
+            sealer,
+            store,
+            refresher: Arc::new(Refresher::default()),
+            upstreams,
+            userinfo_cache: Arc::default(),
+        })
+    }
+}
