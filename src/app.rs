@@ -1,7 +1,7 @@
 //! `app(state) -> Router`: tokengate's own endpoints, then everything else (API routes, the SPA)
 //! through one fallback. No I/O here.
 
-use axum::extract::{Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -12,26 +12,54 @@ use tower_cookies::CookieManagerLayer;
 use crate::auth::{callback, login, logout, refresh, userinfo};
 use crate::error::json_error;
 use crate::proxy::forward;
+use crate::session::tokens::now_s;
 use crate::state::AppState;
 
 pub fn app(state: AppState) -> Router {
     let redirect_path = state.config.oauth.redirect_path.clone();
-    Router::new()
+    let mut router = Router::new()
         .route("/login", get(login::login))
         .route(&redirect_path, get(callback::callback))
         .route("/refreshtoken", post(refresh::refresh))
         .route("/userinfo", get(userinfo::userinfo))
         .route("/logout", post(logout::logout))
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .route("/readyz", get(readyz));
+    if state.config.server.metrics_listen.is_none() {
+        router = router.route("/metrics", get(metrics));
+    }
+    router
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(forward::fallback)
-        // Layers run outside-in for requests: log (request id, one line) → no-store on any
-        // cookie change → cookie jar.
+        // Layers run outside-in for requests: log + metrics (request id, one line) → header
+        // size limit → no-store on any cookie change → cookie jar.
         .layer(CookieManagerLayer::new())
         .layer(middleware::from_fn(no_store_when_cookies_change))
-        .layer(middleware::from_fn(crate::telemetry::request_log))
+        .layer(middleware::from_fn_with_state(state.clone(), header_limit))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::telemetry::request_log,
+        ))
         .with_state(state)
+}
+
+/// The router of the separate metrics listener (`server.metrics_listen`).
+pub fn metrics_app(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// The route label for logs and metrics: the matched endpoint, the API route's prefix, or
+/// `static` — never the raw path (unbounded label values).
+pub fn route_label(state: &AppState, req: &Request) -> String {
+    if let Some(m) = req.extensions().get::<MatchedPath>() {
+        return m.as_str().to_string();
+    }
+    match state.upstreams.route_for(req.uri().path()) {
+        Some(r) => r.prefix.clone(),
+        None => "static".into(),
+    }
 }
 
 async fn method_not_allowed() -> Response {
@@ -40,6 +68,23 @@ async fn method_not_allowed() -> Response {
         "invalid_request",
         "method not allowed",
     )
+}
+
+/// Request headers beyond `server.max_header_bytes` → 431 with a JSON body.
+async fn header_limit(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let size: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if size > state.config.server.max_header_bytes {
+        return json_error(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "invalid_request",
+            "request headers too large",
+        );
+    }
+    next.run(req).await
 }
 
 /// Any response that sets or clears a cookie must not be stored by a shared cache.
@@ -56,19 +101,41 @@ async fn healthz() -> Response {
     Json(serde_json::json!({ "status": "ok" })).into_response()
 }
 
+/// Ready when the IdP metadata and its keys are loaded and the session store answers.
 async fn readyz(State(state): State<AppState>) -> Response {
-    let idp_ready = state.idp.metadata().is_some();
+    let metadata = state.idp.metadata().is_some();
+    let jwks = state.idp.jwks_loaded();
+    let store = state.store.ping().await;
+    let ready = metadata && jwks && store;
     let body = serde_json::json!({
-        "status": if idp_ready { "ready" } else { "not_ready" },
+        "status": if ready { "ready" } else { "not_ready" },
         "checks": {
-            "idp_metadata": idp_ready,
-            "session_store": true,
+            "idp_metadata": metadata,
+            "idp_jwks": jwks,
+            "session_store": store,
         }
     });
-    let status = if idp_ready {
+    let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(body)).into_response()
+    let mut resp = (status, Json(body)).into_response();
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    state
+        .metrics
+        .set_pending_logins(state.logins.pending(now_s()));
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
 }

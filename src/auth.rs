@@ -2,6 +2,7 @@
 //! [`callback`] → [`userinfo`] / [`refresh`] → [`logout`].
 
 pub mod callback;
+pub mod ledger;
 pub mod login;
 pub mod logout;
 pub mod refresh;

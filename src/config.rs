@@ -60,6 +60,12 @@ struct RawServer {
     static_dir: Option<String>,
     spa_fallback: bool,
     trusted_proxies: Vec<String>,
+    metrics_listen: Option<String>,
+    shutdown_timeout_s: u64,
+    header_read_timeout_s: u64,
+    max_header_bytes: usize,
+    max_connections: usize,
+    max_body_bytes: u64,
 }
 
 impl Default for RawServer {
@@ -70,6 +76,12 @@ impl Default for RawServer {
             static_dir: Some("static".into()),
             spa_fallback: true,
             trusted_proxies: vec![],
+            metrics_listen: None,
+            shutdown_timeout_s: 30,
+            header_read_timeout_s: 10,
+            max_header_bytes: 64 * 1024,
+            max_connections: 10_000,
+            max_body_bytes: 0,
         }
     }
 }
@@ -271,6 +283,18 @@ pub struct ServerConfig {
     pub static_dir: Option<String>,
     pub spa_fallback: bool,
     pub trusted_proxies: Vec<Cidr>,
+    /// Serve `/metrics` on this separate address instead of the main listener.
+    pub metrics_listen: Option<SocketAddr>,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    pub shutdown_timeout: Duration,
+    /// A client must send its request headers within this (slowloris defence).
+    pub header_read_timeout: Duration,
+    /// Request headers larger than this are answered 431.
+    pub max_header_bytes: usize,
+    /// Connections beyond this are answered 503 and closed.
+    pub max_connections: usize,
+    /// API request bodies larger than this are answered 413 (0: no limit).
+    pub max_body_bytes: u64,
 }
 
 impl ServerConfig {
@@ -620,6 +644,34 @@ fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
             ));
         }
     }
+    let metrics_listen = raw.server.metrics_listen.as_deref().and_then(|m| {
+        m.parse::<SocketAddr>()
+            .map_err(|_| {
+                problems.push(format!(
+                    "server.metrics_listen: `{m}` is not a socket address like 127.0.0.1:9090"
+                ))
+            })
+            .ok()
+    });
+    let shutdown_timeout = positive(
+        "server.shutdown_timeout_s",
+        raw.server.shutdown_timeout_s,
+        problems,
+    );
+    let header_read_timeout = positive(
+        "server.header_read_timeout_s",
+        raw.server.header_read_timeout_s,
+        problems,
+    );
+    if raw.server.max_header_bytes < 8192 {
+        problems.push(
+            "server.max_header_bytes: at least 8192 (session cookies alone can take several KB)"
+                .into(),
+        );
+    }
+    if raw.server.max_connections == 0 {
+        problems.push("server.max_connections: must be greater than 0".into());
+    }
     let mut trusted_proxies = Vec::new();
     for (i, c) in raw.server.trusted_proxies.iter().enumerate() {
         match Cidr::parse(c) {
@@ -935,6 +987,12 @@ fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
             static_dir: raw.server.static_dir.filter(|s| !s.is_empty()),
             spa_fallback: raw.server.spa_fallback,
             trusted_proxies,
+            metrics_listen,
+            shutdown_timeout,
+            header_read_timeout,
+            max_header_bytes: raw.server.max_header_bytes,
+            max_connections: raw.server.max_connections,
+            max_body_bytes: raw.server.max_body_bytes,
         },
         oauth: OAuthConfig {
             issuer: issuer?,

@@ -22,10 +22,14 @@ pub struct Idp {
     http: reqwest::Client,
     metadata: RwLock<Option<Arc<Metadata>>>,
     jwks: discovery::Jwks,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Idp {
-    pub fn new(config: OAuthConfig) -> anyhow::Result<Arc<Self>> {
+    pub fn new(
+        config: OAuthConfig,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> anyhow::Result<Arc<Self>> {
         let http = reqwest::Client::builder()
             // Following redirects from the IdP would be an SSRF hole and could leak credentials.
             .redirect(reqwest::redirect::Policy::none())
@@ -38,6 +42,7 @@ impl Idp {
             http,
             metadata: RwLock::new(None),
             jwks: discovery::Jwks::default(),
+            metrics,
         }))
     }
 
@@ -48,9 +53,17 @@ impl Idp {
 
     /// Loads metadata and keys once.
     pub async fn load(&self) -> anyhow::Result<()> {
-        let md = discovery::discover(&self.http, &self.config).await?;
+        let started = std::time::Instant::now();
+        let md = discovery::discover(&self.http, &self.config).await;
+        self.metrics
+            .idp_call("discovery", outcome(&md), started.elapsed());
+        let md = md?;
         if let Some(uri) = &md.jwks_uri {
-            self.jwks.fetch(&self.http, uri).await?;
+            let started = std::time::Instant::now();
+            let r = self.jwks.fetch(&self.http, uri).await;
+            self.metrics
+                .idp_call("jwks", outcome(&r), started.elapsed());
+            r?;
         }
         if let Ok(mut slot) = self.metadata.write() {
             *slot = Some(Arc::new(md));
@@ -80,11 +93,28 @@ impl Idp {
         })
     }
 
+    /// Whether the JWKS holds at least one key (or none is needed).
+    pub fn jwks_loaded(&self) -> bool {
+        match self.metadata() {
+            Some(m) => m.jwks_uri.is_none() || !self.jwks.current().keys.is_empty(),
+            None => false,
+        }
+    }
+
     pub fn http(&self) -> &reqwest::Client {
         &self.http
     }
 
     pub fn jwks(&self) -> &discovery::Jwks {
         &self.jwks
+    }
+}
+
+/// "ok" or "error", for metrics labels.
+pub fn outcome<T, E>(r: &Result<T, E>) -> &'static str {
+    if r.is_ok() {
+        "ok"
+    } else {
+        "error"
     }
 }

@@ -22,13 +22,14 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod idp;
+pub mod metrics;
 pub mod proxy;
+pub mod server;
 pub mod session;
 pub mod state;
 pub mod telemetry;
 
 use std::future::Future;
-use std::net::SocketAddr;
 
 use config::Config;
 
@@ -43,18 +44,40 @@ pub async fn serve(
         tracing::warn!("{w}");
     }
     tracing::info!(config = %config.redacted_summary(), "starting");
+    let limits = server::Limits {
+        max_connections: config.server.max_connections,
+        header_read_timeout: config.server.header_read_timeout,
+        max_header_bytes: config.server.max_header_bytes,
+        shutdown_timeout: config.server.shutdown_timeout,
+    };
+    let metrics_listen = config.server.metrics_listen;
     let state = state::AppState::new(config)?;
     let loader = state.idp.spawn_loader();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let metrics_task = match metrics_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr).await?;
+            tracing::info!(%addr, "metrics listening");
+            let mut rx = stop_rx.clone();
+            Some(tokio::spawn(server::run_plain(
+                l,
+                app::metrics_app(state.clone()),
+                async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                },
+            )))
+        }
+        None => None,
+    };
     let router = app::app(state);
-    let result = axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await;
+    let result = server::run(listener, router, limits, shutdown).await;
+    let _ = stop_tx.send(true);
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
     loader.abort();
-    result?;
-    Ok(())
+    drop(stop_rx);
+    result
 }
 
 /// A fresh random session key, base64 (what `tokengate keygen` prints).

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::idp::Idp;
+use crate::metrics::Metrics;
 use crate::proxy::upstream::Upstreams;
 use crate::session::refresh::Refresher;
 use crate::session::seal::Sealer;
@@ -21,14 +22,22 @@ pub struct AppState {
     pub refresher: Arc<Refresher>,
     pub upstreams: Arc<Upstreams>,
     pub userinfo_cache: Arc<crate::auth::userinfo::Cache>,
+    pub logins: Arc<crate::auth::ledger::LoginLedger>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl AppState {
     pub fn new(config: Config) -> anyhow::Result<Self> {
+        let metrics = Arc::new(Metrics::new());
         let sealer = Sealer::new(&config.session.keys);
         let rules = crate::session::cookie::CookieRules::new(config.server.is_https());
-        let store = SessionStore::cookie(sealer.clone(), rules, config.session.absolute_timeout);
-        let idp = Idp::new(config.oauth.clone())?;
+        let store = SessionStore::cookie(
+            sealer.clone(),
+            rules,
+            config.session.absolute_timeout,
+            Arc::clone(&metrics),
+        );
+        let idp = Idp::new(config.oauth.clone(), Arc::clone(&metrics))?;
         let upstreams = Arc::new(Upstreams::new(&config.routes)?);
         Ok(Self {
             origin: config.server.origin().into(),
@@ -36,9 +45,11 @@ impl AppState {
             idp,
             sealer,
             store,
-            refresher: Arc::new(Refresher::default()),
+            refresher: Arc::new(Refresher::new(Arc::clone(&metrics))),
             upstreams,
             userinfo_cache: Arc::default(),
+            logins: Arc::default(),
+            metrics,
         })
     }
 }

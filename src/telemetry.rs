@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use axum::extract::Request;
+use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use http::{HeaderName, HeaderValue};
@@ -50,8 +50,13 @@ fn request_id(req: &Request) -> String {
 
 /// The request-log middleware: a span carrying the request id around the whole request, the id
 /// echoed in the response, and one line at the end (with the error cause, logged here only).
-pub async fn request_log(mut req: Request, next: Next) -> Response {
+pub async fn request_log(
+    State(state): State<crate::state::AppState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let id = request_id(&req);
+    let route = crate::app::route_label(&state, &req);
     if let Ok(v) = HeaderValue::from_str(&id) {
         req.headers_mut().insert(REQUEST_ID.clone(), v);
     }
@@ -61,7 +66,9 @@ pub async fn request_log(mut req: Request, next: Next) -> Response {
     let span = tracing::info_span!("request", request_id = %id);
     let mut resp = next.run(req).instrument(span.clone()).await;
     let status = resp.status().as_u16();
-    let micros = started.elapsed().as_micros() as u64;
+    let took = started.elapsed();
+    let micros = took.as_micros() as u64;
+    state.metrics.request(&route, method.as_str(), status, took);
     let _g = span.enter();
     match resp.extensions().get::<LoggedCause>() {
         Some(cause) if status >= 500 => {

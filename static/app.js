@@ -25,9 +25,9 @@ function showFailure(method, path, err) {
   $('output').textContent = `${method} ${path} failed: ${err.message}`;
 }
 
-// session expiry as tokengate reports it (epoch seconds or an ISO date), if it does
+// session expiry as /userinfo reports it: session.expires_at, epoch seconds
 function expiryOf(info) {
-  const raw = info.session_expires_at ?? info.expires_at;
+  const raw = info.session?.expires_at;
   if (raw === undefined || raw === null) return null;
   const date = typeof raw === 'number' ? new Date(raw * 1000) : new Date(raw);
   return Number.isNaN(date.getTime()) ? String(raw) : date.toLocaleString();

@@ -22,8 +22,39 @@ pub async fn callback(
     cookies: Cookies,
     uri: http::Uri,
 ) -> Result<Response, ApiError> {
+    let result = complete_login(&state, &cookies, &uri).await;
+    let (outcome, reason) = match &result {
+        Ok((_, reason)) => (
+            if reason.is_empty() {
+                "completed"
+            } else {
+                "failed"
+            },
+            *reason,
+        ),
+        Err(e) => (
+            "failed",
+            match e.code {
+                "invalid_grant" => "code_rejected",
+                "invalid_token" => "id_token_invalid",
+                "invalid_request" => "invalid_request",
+                _ if e.status.is_server_error() => "idp_unavailable",
+                _ => "other",
+            },
+        ),
+    };
+    state.metrics.login(outcome, reason);
+    result.map(|(r, _)| r)
+}
+
+/// The callback's work; the `&str` is the failure reason when the IdP sent an error.
+async fn complete_login(
+    state: &AppState,
+    cookies: &Cookies,
+    uri: &http::Uri,
+) -> Result<(Response, &'static str), ApiError> {
     let params = QueryParams::parse(uri.query(), SECURITY_PARAMS)?;
-    let tx = take_transaction(&state, &cookies, params.get("state"))?;
+    let tx = take_transaction(state, cookies, params.get("state"))?;
     let md = state
         .idp
         .metadata()
@@ -48,7 +79,7 @@ pub async fn callback(
         // Not proof of anything (RFC 9207 §2.4); shown to the SPA as text, never as HTML.
         let description = params.get("error_description").unwrap_or("");
         tracing::info!(error = %error.escape_default(), "the authorization server returned an error");
-        return Ok(redirect_with_error(error, description));
+        return Ok((redirect_with_error(error, description), "idp_error"));
     }
 
     let code = params
@@ -111,17 +142,17 @@ pub async fn callback(
         last_seen: now,
     };
     // A fresh session replaces whatever the browser had: no fixation.
-    state.store.remove(&cookies, None).await;
+    state.store.remove(cookies, None).await;
     state
         .store
-        .save(&cookies, &session)
+        .save(cookies, &session)
         .await
         .map_err(ApiError::internal)?;
     tracing::info!("login completed");
 
     // Re-validated here as well: the transaction cookie is ours, but defence in depth is cheap.
     let target = super::return_to::sanitize(Some(&tx.return_to), &state.config.server.public_url);
-    Ok(redirect(&target))
+    Ok((redirect(&target), ""))
 }
 
 /// Finds, opens and consumes the transaction named by `state`. Every outcome clears the cookie.
@@ -149,8 +180,16 @@ fn take_transaction(
     if !bool::from(tx.state.as_bytes().ct_eq(s.as_bytes())) {
         return Err(unknown());
     }
-    let age = now_s().saturating_sub(tx.created_at);
-    if age >= state.config.oauth.login_transaction_ttl.as_secs() {
+    let now = now_s();
+    let ttl = state.config.oauth.login_transaction_ttl.as_secs();
+    if now.saturating_sub(tx.created_at) >= ttl {
+        return Err(unknown());
+    }
+    // A copy of the transaction cookie replayed with the same state is refused too.
+    if !state
+        .logins
+        .first_use(s, tx.created_at.saturating_add(ttl), now)
+    {
         return Err(unknown());
     }
     Ok(tx)

@@ -71,6 +71,13 @@ pub async fn login(
     let plain = serde_json::to_vec(&tx).map_err(ApiError::internal)?;
     let sealed = state.sealer.seal(name.as_bytes(), &plain);
     rules.set_tx(&cookies, &tx_state, sealed, cfg.login_transaction_ttl);
+    let now = now_s();
+    state.logins.started(
+        &tx_state,
+        now.saturating_add(cfg.login_transaction_ttl.as_secs()),
+        now,
+    );
+    state.metrics.login("started", "");
 
     let mut url = md.authorization_endpoint.clone();
     {

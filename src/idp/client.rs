@@ -114,6 +114,17 @@ impl Idp {
 
     async fn token_request(
         &self,
+        form: Vec<(&'static str, String)>,
+    ) -> Result<TokenResponse, IdpError> {
+        let started = std::time::Instant::now();
+        let r = self.token_request_inner(form).await;
+        self.metrics
+            .idp_call("token", super::outcome(&r), started.elapsed());
+        r
+    }
+
+    async fn token_request_inner(
+        &self,
         mut form: Vec<(&'static str, String)>,
     ) -> Result<TokenResponse, IdpError> {
         let md = self.ready_metadata()?;
@@ -180,6 +191,16 @@ impl Idp {
 
     /// Token revocation (RFC 7009 §2.1). Unsupported when the IdP has no revocation endpoint.
     pub async fn revoke(&self, token: &str, hint: &'static str) -> Result<(), IdpError> {
+        let started = std::time::Instant::now();
+        let r = self.revoke_inner(token, hint).await;
+        if !matches!(r, Err(IdpError::Unsupported(_))) {
+            self.metrics
+                .idp_call("revocation", super::outcome(&r), started.elapsed());
+        }
+        r
+    }
+
+    async fn revoke_inner(&self, token: &str, hint: &'static str) -> Result<(), IdpError> {
         let md = self.ready_metadata()?;
         let endpoint = md
             .revocation_endpoint
@@ -205,6 +226,17 @@ impl Idp {
 
     /// The UserInfo endpoint (OIDC Core §5.3), JSON answers only.
     pub async fn userinfo(
+        &self,
+        access_token: &AccessToken,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, IdpError> {
+        let started = std::time::Instant::now();
+        let r = self.userinfo_inner(access_token).await;
+        self.metrics
+            .idp_call("userinfo", super::outcome(&r), started.elapsed());
+        r
+    }
+
+    async fn userinfo_inner(
         &self,
         access_token: &AccessToken,
     ) -> Result<serde_json::Map<String, serde_json::Value>, IdpError> {

@@ -150,7 +150,9 @@ pub const FORCED_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
 pub struct Jwks {
     set: RwLock<Arc<JwkSet>>,
     uri: RwLock<Option<Url>>,
-    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    /// When the last fetch *forced by an unknown kid* happened (the scheduled load does not
+    /// count: a rotation right after start-up must still be followed).
+    last_forced: tokio::sync::Mutex<Option<Instant>>,
 }
 
 impl Default for Jwks {
@@ -158,7 +160,7 @@ impl Default for Jwks {
         Self {
             set: RwLock::new(Arc::new(JwkSet { keys: vec![] })),
             uri: RwLock::new(None),
-            last_fetch: tokio::sync::Mutex::new(None),
+            last_forced: tokio::sync::Mutex::new(None),
         }
     }
 }
@@ -172,13 +174,6 @@ impl Jwks {
     }
 
     pub async fn fetch(&self, http: &reqwest::Client, uri: &Url) -> anyhow::Result<()> {
-        let mut last = self.last_fetch.lock().await;
-        let result = self.fetch_unlocked(http, uri).await;
-        *last = Some(Instant::now());
-        result
-    }
-
-    async fn fetch_unlocked(&self, http: &reqwest::Client, uri: &Url) -> anyhow::Result<()> {
         let resp = http
             .get(uri.clone())
             .header(http::header::ACCEPT, "application/json")
@@ -213,12 +208,13 @@ impl Jwks {
             return false;
         };
         // Held across the fetch: concurrent callers wait, then see the fresh set.
-        let mut last = self.last_fetch.lock().await;
+        let mut last = self.last_forced.lock().await;
         if last.is_some_and(|t| t.elapsed() < FORCED_REFRESH_INTERVAL) {
             return false;
         }
-        let result = self.fetch_unlocked(http, &uri).await;
+        let result = self.fetch(http, &uri).await;
         *last = Some(Instant::now());
+        tracing::info!(ok = result.is_ok(), "JWKS re-fetched for an unknown key id");
         match result {
             Ok(()) => true,
             Err(e) => {

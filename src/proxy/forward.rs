@@ -49,11 +49,35 @@ async fn proxy(
 ) -> Result<Response, ApiError> {
     // request_filter
     check_csrf(state, req.headers())?;
+    let limit = state.config.server.max_body_bytes;
+    if limit > 0 {
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return Err(ApiError::new(
+                http::StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request",
+                "the request body is too large",
+            ));
+        }
+    }
     let mut session = require_session(state, cookies).await?;
     ensure_fresh(state, cookies, &mut session).await?;
 
     // upstream_request_filter
     let (mut parts, body) = req.into_parts();
+    // Without a declared length the limit is enforced while streaming.
+    let body = if limit > 0 {
+        Body::new(http_body_util::Limited::new(
+            body,
+            usize::try_from(limit).unwrap_or(usize::MAX),
+        ))
+    } else {
+        body
+    };
     let uri = upstream_uri(route, parts.uri.path(), parts.uri.query()).map_err(|e| {
         ApiError::invalid_request("the request URI cannot be forwarded").with_cause(e)
     })?;
@@ -79,9 +103,13 @@ async fn proxy(
     let sent =
         tokio::time::timeout(route.timeout, state.upstreams.client.request(upstream_req)).await;
     let resp = match sent {
-        Err(_) => return Err(ApiError::gateway_timeout("the API did not answer in time")),
+        Err(_) => {
+            state.metrics.upstream_error(&route.prefix, "timeout");
+            return Err(ApiError::gateway_timeout("the API did not answer in time"));
+        }
         Ok(Err(e)) => {
-            return Err(ApiError::bad_gateway("the API could not be reached").with_cause(e))
+            state.metrics.upstream_error(&route.prefix, "error");
+            return Err(ApiError::bad_gateway("the API could not be reached").with_cause(e));
         }
         Ok(Ok(r)) => r,
     };
@@ -90,6 +118,13 @@ async fn proxy(
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     headers::strip_our_set_cookies(&mut parts.headers, state.store.rules());
+    // An answer made for one user's token must not land in a shared cache unless the API says
+    // otherwise.
+    if !parts.headers.contains_key(header::CACHE_CONTROL) {
+        parts
+            .headers
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
     Ok(Response::from_parts(parts, Body::new(body)))
 }
 

@@ -52,6 +52,7 @@ struct Entry {
 #[derive(Default)]
 pub struct Refresher {
     entries: Mutex<HashMap<[u8; 32], Entry>>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for Refresher {
@@ -71,6 +72,13 @@ fn key(session_id: &str, rt: &RefreshToken) -> [u8; 32] {
 }
 
 impl Refresher {
+    pub fn new(metrics: Arc<crate::metrics::Metrics>) -> Self {
+        Self {
+            entries: Mutex::default(),
+            metrics,
+        }
+    }
+
     /// Refreshes `session`'s tokens, joining a refresh already under way (or just done) for the
     /// same refresh token.
     pub async fn refresh(&self, idp: &Idp, session: &Session) -> Outcome {
@@ -89,7 +97,9 @@ impl Refresher {
                     // A transient failure is not reused once settled: the next request retries.
                     && !matches!(e.cell.get(), Some(Err(RefreshError::Transient(_))))
             });
-            if !reusable {
+            if reusable {
+                self.metrics.refresh("coalesced");
+            } else {
                 if map.len() >= MAX_ENTRIES {
                     map.retain(|_, e| e.started.elapsed() < REUSE_WINDOW);
                 }
@@ -111,8 +121,17 @@ impl Refresher {
             .get_or_init(|| async {
                 let result = do_refresh(idp, &rt, session).await;
                 match &result {
-                    Ok(_) => tracing::debug!("access token refreshed"),
-                    Err(e) => tracing::info!(error = %e, "refresh failed"),
+                    Ok(_) => {
+                        self.metrics.refresh("ok");
+                        tracing::debug!("access token refreshed")
+                    }
+                    Err(e) => {
+                        self.metrics.refresh(match e {
+                            RefreshError::Transient(_) => "transient",
+                            _ => "fatal",
+                        });
+                        tracing::info!(error = %e, "refresh failed")
+                    }
                 }
                 result
             })

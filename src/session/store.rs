@@ -1,6 +1,7 @@
 //! Where sessions live. The embedded default keeps the whole session, sealed, in the browser's
 //! cookies (stateless; nothing to run). Swapping the backend edits this file only.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tower_cookies::Cookies;
@@ -8,6 +9,7 @@ use tower_cookies::Cookies;
 use super::cookie::CookieRules;
 use super::seal::Sealer;
 use super::tokens::Session;
+use crate::metrics::Metrics;
 
 /// What a store can fail with (the cookie store cannot; the Redis store will).
 #[derive(Debug, thiserror::Error)]
@@ -31,14 +33,21 @@ pub struct SessionStore {
     sealer: Sealer,
     rules: CookieRules,
     absolute: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl SessionStore {
-    pub fn cookie(sealer: Sealer, rules: CookieRules, absolute: Duration) -> Self {
+    pub fn cookie(
+        sealer: Sealer,
+        rules: CookieRules,
+        absolute: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             sealer,
             rules,
             absolute,
+            metrics,
         }
     }
 
@@ -47,6 +56,13 @@ impl SessionStore {
     }
 
     pub async fn load(&self, cookies: &Cookies) -> Result<Loaded, StoreError> {
+        let started = std::time::Instant::now();
+        let r = self.load_inner(cookies).await;
+        self.metrics.store_op("load", started.elapsed(), r.is_ok());
+        r
+    }
+
+    async fn load_inner(&self, cookies: &Cookies) -> Result<Loaded, StoreError> {
         let Some(sealed) = self.rules.read_session(cookies) else {
             return Ok(if self.rules.has_session_cookie(cookies) {
                 Loaded::Unreadable
@@ -63,6 +79,13 @@ impl SessionStore {
     }
 
     pub async fn save(&self, cookies: &Cookies, session: &Session) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
+        let r = self.save_inner(cookies, session).await;
+        self.metrics.store_op("save", started.elapsed(), r.is_ok());
+        r
+    }
+
+    async fn save_inner(&self, cookies: &Cookies, session: &Session) -> Result<(), StoreError> {
         let plain = serde_json::to_vec(session).map_err(|_| StoreError::TooLarge)?;
         let sealed = self
             .sealer
@@ -77,6 +100,11 @@ impl SessionStore {
         } else {
             Err(StoreError::TooLarge)
         }
+    }
+
+    /// Whether the store answers (the cookie store always does).
+    pub async fn ping(&self) -> bool {
+        true
     }
 
     pub async fn remove(&self, cookies: &Cookies, _session: Option<&Session>) {

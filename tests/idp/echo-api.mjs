@@ -12,7 +12,8 @@
 //   token rejected by the IdP userinfo  -> 401 {"error":"invalid_token"}
 //   IdP unreachable                     -> 502 {"error":"idp_unavailable"}
 //   otherwise the body is consumed as a stream (counted, not buffered) and the answer is
-//   200 {"method","path","headers","raw_headers","sub","name","body_bytes"}
+//   200 {"method","path","headers","raw_headers","authorization_lines","token_verified",
+//        "sub","name","body_bytes"} (the Authorization value itself is never echoed)
 // GET /__stats (no auth) -> {"requests": n, "ok": m}
 //   requests = every request received other than /__stats, ok = those answered 200.
 
@@ -87,17 +88,25 @@ async function handle(req, res) {
   let bodyBytes = 0;
   for await (const chunk of req) bodyBytes += chunk.length;
 
+  // The token is verified above; it is never echoed back (the SPA must not see it).
+  const redact = (name, value) => (name === 'authorization' ? '[redacted]' : value);
   const rawHeaders = [];
   for (let i = 0; i < req.rawHeaders.length; i += 2) {
-    rawHeaders.push([req.rawHeaders[i].toLowerCase(), req.rawHeaders[i + 1]]);
+    const name = req.rawHeaders[i].toLowerCase();
+    rawHeaders.push([name, redact(name, req.rawHeaders[i + 1])]);
   }
+  const headers = Object.fromEntries(
+    Object.entries(req.headers).map(([k, v]) => [k, redact(k, v)]),
+  );
 
   stats.ok += 1;
   send(res, 200, {
     method: req.method,
     path: req.url,
-    headers: req.headers, // lower-case names; repeated headers joined by node
+    headers, // lower-case names; repeated headers joined by node; authorization redacted
     raw_headers: rawHeaders, // every header line in order, names lower-cased
+    authorization_lines: rawHeaders.filter(([k]) => k === 'authorization').length,
+    token_verified: true, // the bearer token was accepted by the IdP's userinfo endpoint
     sub: claims.sub,
     name: claims.name ?? null,
     body_bytes: bodyBytes,

@@ -1,0 +1,222 @@
+//! Prometheus metrics (`GET /metrics`, text format). One registry per running app, so tests can
+//! run many apps in one process.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, String)>;
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    [
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ]
+    .into_iter()
+}
+
+fn new_histogram() -> Histogram {
+    Histogram::new(latency_buckets())
+}
+
+/// Every metric tokengate exports.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    requests: Family<Labels, Counter>,
+    request_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    logins: Family<Labels, Counter>,
+    refreshes: Family<Labels, Counter>,
+    upstream_errors: Family<Labels, Counter>,
+    store_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    store_errors: Family<Labels, Counter>,
+    idp_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    pending_logins: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("tokengate");
+        let requests = Family::<Labels, Counter>::default();
+        r.register(
+            "http_requests",
+            "HTTP requests answered, by route, method and status class",
+            requests.clone(),
+        );
+        let request_seconds: Family<Labels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(new_histogram);
+        r.register(
+            "http_request_duration_seconds",
+            "Time to answer (until response headers), by route and status class",
+            request_seconds.clone(),
+        );
+        let logins = Family::<Labels, Counter>::default();
+        r.register(
+            "logins",
+            "Logins by outcome: started, completed, failed (with reason)",
+            logins.clone(),
+        );
+        let refreshes = Family::<Labels, Counter>::default();
+        r.register(
+            "token_refreshes",
+            "Access-token refreshes by outcome: ok, fatal, transient, coalesced (joined a refresh under way)",
+            refreshes.clone(),
+        );
+        let upstream_errors = Family::<Labels, Counter>::default();
+        r.register(
+            "upstream_errors",
+            "API calls that failed, by route and kind (error, timeout)",
+            upstream_errors.clone(),
+        );
+        let store_seconds: Family<Labels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(new_histogram);
+        r.register(
+            "session_store_duration_seconds",
+            "Session store operation latency, by operation",
+            store_seconds.clone(),
+        );
+        let store_errors = Family::<Labels, Counter>::default();
+        r.register(
+            "session_store_errors",
+            "Session store operations that failed, by operation",
+            store_errors.clone(),
+        );
+        let idp_seconds: Family<Labels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(new_histogram);
+        r.register(
+            "idp_request_duration_seconds",
+            "Identity provider call latency, by endpoint and outcome",
+            idp_seconds.clone(),
+        );
+        let pending_logins = Gauge::default();
+        r.register(
+            "pending_logins",
+            "Login transactions started and neither completed nor expired",
+            pending_logins.clone(),
+        );
+        Self {
+            registry: Mutex::new(r),
+            requests,
+            request_seconds,
+            logins,
+            refreshes,
+            upstream_errors,
+            store_seconds,
+            store_errors,
+            idp_seconds,
+            pending_logins,
+        }
+    }
+
+    pub fn request(&self, route: &str, method: &str, status: u16, took: Duration) {
+        let class = format!("{}xx", status / 100);
+        self.requests
+            .get_or_create(&vec![
+                ("route", route.to_string()),
+                ("method", method.to_string()),
+                ("status", class.clone()),
+            ])
+            .inc();
+        self.request_seconds
+            .get_or_create(&vec![("route", route.to_string()), ("status", class)])
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn login(&self, outcome: &'static str, reason: &'static str) {
+        self.logins
+            .get_or_create(&vec![
+                ("outcome", outcome.into()),
+                ("reason", reason.into()),
+            ])
+            .inc();
+    }
+
+    pub fn refresh(&self, outcome: &'static str) {
+        self.refreshes
+            .get_or_create(&vec![("outcome", outcome.into())])
+            .inc();
+    }
+
+    pub fn upstream_error(&self, route: &str, kind: &'static str) {
+        self.upstream_errors
+            .get_or_create(&vec![("route", route.into()), ("kind", kind.into())])
+            .inc();
+    }
+
+    pub fn store_op(&self, op: &'static str, took: Duration, ok: bool) {
+        self.store_seconds
+            .get_or_create(&vec![("op", op.into())])
+            .observe(took.as_secs_f64());
+        if !ok {
+            self.store_errors
+                .get_or_create(&vec![("op", op.into())])
+                .inc();
+        }
+    }
+
+    pub fn idp_call(&self, endpoint: &'static str, outcome: &'static str, took: Duration) {
+        self.idp_seconds
+            .get_or_create(&vec![
+                ("endpoint", endpoint.into()),
+                ("outcome", outcome.into()),
+            ])
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn set_pending_logins(&self, n: usize) {
+        self.pending_logins
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Ok(r) = self.registry.lock() {
+            let _ = encode(&mut out, &r);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_recorded_values() {
+        let m = Metrics::new();
+        m.request("/api", "GET", 204, Duration::from_millis(3));
+        m.login("failed", "invalid_state");
+        m.refresh("coalesced");
+        m.set_pending_logins(2);
+        let text = m.render();
+        assert!(
+            text.contains(
+                r#"tokengate_http_requests_total{route="/api",method="GET",status="2xx"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"tokengate_logins_total{outcome="failed",reason="invalid_state"} 1"#)
+        );
+        assert!(text.contains(r#"tokengate_token_refreshes_total{outcome="coalesced"} 1"#));
+        assert!(text.contains("tokengate_pending_logins 2"));
+        assert!(text.contains("tokengate_http_request_duration_seconds_bucket"));
+    }
+}
