@@ -487,6 +487,64 @@ impl Config {
         }
     }
 
+    /// Departures from the BFF recommendations of the IETF "OAuth 2.0 for Browser-Based
+    /// Applications" draft (§6.1) and common deployment advice, each with its reason.
+    pub fn recommendations(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let s = &self.server;
+        if !s.is_https() {
+            out.push(format!(
+                "server.public_url is {}: use https, so cookies get Secure and the __Host- prefix (a network attacker could otherwise read or plant them)",
+                s.public_url.scheme()
+            ));
+        }
+        if self.warnings.iter().any(|w| w.starts_with("session.keys")) {
+            out.push("session.keys is empty: set at least one 32-byte key, or every restart logs everybody out and replicas cannot read each other's sessions".into());
+        }
+        if self.oauth.client_auth == ClientAuth::None {
+            out.push("oauth.client_auth = \"none\": a BFF is a confidential client; authenticate it at the token endpoint (client_secret_basic or private_key_jwt)".into());
+        }
+        if !self.oauth.scopes.iter().any(|x| x == "openid") {
+            out.push("oauth.scopes lacks `openid`: without an ID token there is no nonce check and /userinfo has no verified identity".into());
+        }
+        if !self.oauth.scopes.iter().any(|x| x == "offline_access") {
+            out.push("oauth.scopes lacks `offline_access`: many IdPs then issue no refresh token, and sessions end with the first access token".into());
+        }
+        for c in &s.trusted_proxies {
+            if c.prefix_len == 0 {
+                out.push(format!("server.trusted_proxies contains {}/0: every client could spoof X-Forwarded-* headers", c.addr));
+            }
+        }
+        for r in &self.routes {
+            let host = r.upstream.host_str().unwrap_or("");
+            let local = is_loopback_host(&r.upstream);
+            if r.upstream.scheme() == "http" && !local {
+                out.push(format!("routes `{}`: upstream {} is plain http on a non-local host: access tokens would cross the network unencrypted", r.prefix, r.upstream));
+            }
+            if host == "0.0.0.0" || host == "[::]" || host.contains('*') {
+                out.push(format!(
+                    "routes `{}`: upstream host `{host}` is a wildcard, not an API",
+                    r.prefix
+                ));
+            }
+        }
+        if self.oauth.clock_skew > Duration::from_secs(120) {
+            out.push(
+                "oauth.clock_skew_s above 120 s widens the window for replayed ID tokens".into(),
+            );
+        }
+        if self.session.absolute_timeout > Duration::from_secs(7 * 86400) {
+            out.push("session.absolute_timeout_s above 7 days: a stolen session cookie stays useful for long".into());
+        }
+        if self.session.idle_timeout > self.session.absolute_timeout {
+            out.push(
+                "session.idle_timeout_s exceeds absolute_timeout_s: the idle timeout never applies"
+                    .into(),
+            );
+        }
+        out
+    }
+
     /// The config as it may be logged: secrets are redacted by their `Debug`.
     pub fn redacted_summary(&self) -> String {
         format!(
@@ -1132,6 +1190,64 @@ upstream = "http://127.0.0.1:1"
         let dbg = format!("{c:?}");
         assert!(!dbg.contains(KEY));
         assert!(dbg.contains("[redacted]"));
+    }
+
+    #[test]
+    fn recommendations_flag_weak_deployments() {
+        let weak = Config::load(
+            r#"
+[server]
+public_url = "http://app.example.com"
+trusted_proxies = ["0.0.0.0/0"]
+[oauth]
+issuer = "http://127.0.0.1:9000"
+client_id = "tg"
+client_auth = "none"
+scopes = ["profile"]
+[[routes]]
+prefix = "/api"
+upstream = "http://api.internal:3000"
+"#,
+            vec![],
+        )
+        .expect("valid");
+        let recs = weak.recommendations().join("\n");
+        for needle in [
+            "use https",
+            "session.keys is empty",
+            "confidential client",
+            "lacks `openid`",
+            "offline_access",
+            "0.0.0.0/0",
+            "unencrypted",
+        ] {
+            assert!(recs.contains(needle), "missing {needle} in:\n{recs}");
+        }
+        let strong = Config::load(
+            &format!(
+                r#"
+[server]
+public_url = "https://app.example.com"
+[oauth]
+issuer = "https://idp.example.com"
+client_id = "tg"
+client_secret = "s"
+scopes = ["openid", "offline_access"]
+[session]
+keys = ["{KEY}"]
+[[routes]]
+prefix = "/api"
+upstream = "https://api.example.com"
+"#
+            ),
+            vec![],
+        )
+        .expect("valid");
+        assert!(
+            strong.recommendations().is_empty(),
+            "{:?}",
+            strong.recommendations()
+        );
     }
 
     #[test]

@@ -61,10 +61,15 @@ fn main() -> ExitCode {
         }
     };
     if command == "check" {
-        for w in &config.warnings {
-            println!("warning: {w}");
+        let recs = config.recommendations();
+        for r in &recs {
+            println!("warning: {r}");
         }
-        println!("{config_path}: configuration is valid");
+        println!(
+            "{config_path}: configuration is valid ({} warning{})",
+            recs.len(),
+            if recs.len() == 1 { "" } else { "s" }
+        );
         return ExitCode::SUCCESS;
     }
     tokengate::telemetry::init(&config.log);
@@ -86,7 +91,11 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        tracing::info!(listen = %config.server.listen, public_url = %config.server.public_url, "listening");
+        let bound = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        tracing::info!(listen = %bound, public_url = %config.server.public_url, "listening");
         match tokengate::serve(listener, config, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

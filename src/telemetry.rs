@@ -48,6 +48,18 @@ fn request_id(req: &Request) -> String {
         })
 }
 
+/// The trace id of a well-formed W3C `traceparent` (the header itself travels on to the API
+/// unchanged, like any end-to-end header).
+fn trace_id(req: &Request) -> Option<String> {
+    let v = req.headers().get("traceparent")?.to_str().ok()?;
+    let mut parts = v.split('-');
+    let (version, trace, parent, _flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    (hex(version, 2) && hex(trace, 32) && hex(parent, 16) && trace != "0".repeat(32))
+        .then(|| trace.to_ascii_lowercase())
+}
+
 /// The request-log middleware: a span carrying the request id around the whole request, the id
 /// echoed in the response, and one line at the end (with the error cause, logged here only).
 pub async fn request_log(
@@ -63,7 +75,8 @@ pub async fn request_log(
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let started = Instant::now();
-    let span = tracing::info_span!("request", request_id = %id);
+    let trace_id = trace_id(&req).unwrap_or_default();
+    let span = tracing::info_span!("request", request_id = %id, trace_id = %trace_id);
     let mut resp = next.run(req).instrument(span.clone()).await;
     let status = resp.status().as_u16();
     let took = started.elapsed();
