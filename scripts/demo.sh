@@ -6,6 +6,11 @@
 #   scripts/demo.sh
 #
 # Needs node (20+), npm and cargo. Logs of the IdP and the API go to target/demo/.
+#
+# Optional environment (unset = the demo as documented; tests/browser uses these):
+#   IDP_ACCESS_TOKEN_TTL=40   the IdP's access-token lifetime in seconds (default 300)
+#   TOKENGATE_*               any tokengate setting, e.g. TOKENGATE_OAUTH__REFRESH_SKEW_S=30
+#   DEMO_PROFILE=debug        run a debug build of tokengate (default: release)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -15,6 +20,7 @@ IDP_PORT=9000
 API_PORT=3000
 CONFIG=config.toml
 logs=$root/target/demo
+PROFILE=${DEMO_PROFILE:-release}
 
 die() { echo "demo: $*" >&2; exit 1; }
 
@@ -22,6 +28,14 @@ for tool in node npm cargo; do
   command -v "$tool" >/dev/null || die "'$tool' is not installed"
 done
 [ -f "$CONFIG" ] || die "$CONFIG not found in $root"
+case "$PROFILE" in
+  release) cargo_run=(cargo run --release --) ;;
+  debug) cargo_run=(cargo run --) ;;
+  *) die "DEMO_PROFILE must be 'release' or 'debug', not '$PROFILE'" ;;
+esac
+if [ -n "${IDP_ACCESS_TOKEN_TTL:-}" ] && ! [[ "$IDP_ACCESS_TOKEN_TTL" =~ ^[0-9]+$ ]]; then
+  die "IDP_ACCESS_TOKEN_TTL must be a number of seconds, not '$IDP_ACCESS_TOKEN_TTL'"
+fi
 
 if [ ! -d tests/idp/node_modules ]; then
   echo "demo: installing the test IdP's packages (npm ci in tests/idp)..."
@@ -66,7 +80,7 @@ start() {
 }
 
 start "IdP (oidc-provider)" "$logs/idp.log" \
-  env PORT=$IDP_PORT node tests/idp/idp.mjs
+  env PORT=$IDP_PORT IDP_ACCESS_TOKEN_TTL="${IDP_ACCESS_TOKEN_TTL:-}" node tests/idp/idp.mjs
 start "echo API" "$logs/echo-api.log" \
   env PORT=$API_PORT ISSUER=http://127.0.0.1:$IDP_PORT node tests/idp/echo-api.mjs
 
@@ -80,14 +94,15 @@ cat <<EOF
    then click "Continue" on the consent page.
 
    IdP       http://127.0.0.1:$IDP_PORT   log: target/demo/idp.log
+             (access tokens live ${IDP_ACCESS_TOKEN_TTL:-300} s)
    echo API  http://127.0.0.1:$API_PORT   log: target/demo/echo-api.log
    Ctrl-C stops everything.
   ================================================================
 
-demo: building and starting tokengate (the first build takes a while)...
+demo: building and starting tokengate ($PROFILE build; the first build takes a while)...
 EOF
 
 status=0
-cargo run --release -- --config "$CONFIG" || status=$?
+"${cargo_run[@]}" --config "$CONFIG" || status=$?
 echo "demo: tokengate exited (status $status); stopping the IdP and the echo API"
 exit "$status"

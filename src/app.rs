@@ -9,7 +9,7 @@ use axum::{Json, Router};
 use http::{header, HeaderValue, StatusCode};
 use tower_cookies::CookieManagerLayer;
 
-use crate::auth::{callback, login, logout, refresh, userinfo};
+use crate::auth::{backchannel, callback, login, logout, refresh, userinfo};
 use crate::error::json_error;
 use crate::proxy::forward;
 use crate::session::tokens::now_s;
@@ -23,6 +23,7 @@ pub fn app(state: AppState) -> Router {
         .route("/refreshtoken", post(refresh::refresh))
         .route("/userinfo", get(userinfo::userinfo))
         .route("/logout", post(logout::logout))
+        .route("/backchannel-logout", post(backchannel::backchannel_logout))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz));
     if state.config.server.metrics_listen.is_none() {

@@ -1,6 +1,7 @@
 //! The browser-facing endpoints, in the order a user meets them: [`login`] → IdP →
 //! [`callback`] → [`userinfo`] / [`refresh`] → [`logout`].
 
+pub mod backchannel;
 pub mod callback;
 pub mod ledger;
 pub mod login;

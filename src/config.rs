@@ -252,9 +252,21 @@ pub enum ClientAuth {
     None,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum StoreKind {
     Cookie,
+    /// `redis://` / `rediss://` URL; several comma-separated: a Redis Cluster's nodes.
+    Redis(String),
+}
+
+impl fmt::Debug for StoreKind {
+    // The URL may carry a password: never printed.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreKind::Cookie => f.write_str("cookie"),
+            StoreKind::Redis(_) => f.write_str("redis"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -888,13 +900,15 @@ fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
     // [session]
     let store = match raw.session.store.as_str() {
         "cookie" => Some(StoreKind::Cookie),
-        "redis" => {
-            problems.push(
-                "session.store: `redis` is not available in this version yet; use \"cookie\""
-                    .into(),
-            );
-            None
-        }
+        "redis" => match &raw.session.redis_url {
+            Some(u) if !u.trim().is_empty() => Some(StoreKind::Redis(u.clone())),
+            _ => {
+                problems.push(
+                    "session.redis_url: missing, but session.store = \"redis\" needs it".into(),
+                );
+                None
+            }
+        },
         other => {
             problems.push(format!(
                 "session.store: `{other}` is not one of cookie, redis"
@@ -903,8 +917,15 @@ fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
         }
     };
     if let Some(u) = &raw.session.redis_url {
-        if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
-            problems.push("session.redis_url: must start with redis:// or rediss://".into());
+        for node in u.split(',').map(str::trim) {
+            if !(node.starts_with("redis://") || node.starts_with("rediss://"))
+                || Url::parse(node).is_err()
+            {
+                problems.push(
+                    "session.redis_url: each (comma-separated) node must be a redis:// or rediss:// URL"
+                        .into(),
+                );
+            }
         }
     }
     let mut keys = Vec::new();
@@ -970,6 +991,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
         let reserved = [
             "/login",
             "/logout",
+            "/backchannel-logout",
             "/refreshtoken",
             "/userinfo",
             "/healthz",

@@ -7,6 +7,7 @@ pub mod extract;
 pub mod refresh;
 pub mod seal;
 pub mod store;
+pub mod store_redis;
 pub mod tokens;
 
 pub use tokens::Session;

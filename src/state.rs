@@ -2,13 +2,14 @@
 
 use std::sync::Arc;
 
-use crate::config::Config;
+use crate::config::{Config, StoreKind};
 use crate::idp::Idp;
 use crate::metrics::Metrics;
 use crate::proxy::upstream::Upstreams;
 use crate::session::refresh::Refresher;
 use crate::session::seal::Sealer;
 use crate::session::store::SessionStore;
+use crate::session::store_redis::RedisStore;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -31,12 +32,24 @@ impl AppState {
         let metrics = Arc::new(Metrics::new());
         let sealer = Sealer::new(&config.session.keys);
         let rules = crate::session::cookie::CookieRules::new(config.server.is_https());
-        let store = SessionStore::cookie(
-            sealer.clone(),
-            rules,
-            config.session.absolute_timeout,
-            Arc::clone(&metrics),
-        );
+        let s = &config.session;
+        let store = match &s.store {
+            StoreKind::Cookie => SessionStore::cookie(
+                sealer.clone(),
+                rules,
+                s.idle_timeout,
+                s.absolute_timeout,
+                Arc::clone(&metrics),
+            ),
+            StoreKind::Redis(url) => SessionStore::redis(
+                RedisStore::new(url, sealer.clone())?,
+                sealer.clone(),
+                rules,
+                s.idle_timeout,
+                s.absolute_timeout,
+                Arc::clone(&metrics),
+            ),
+        };
         let idp = Idp::new(config.oauth.clone(), Arc::clone(&metrics))?;
         let upstreams = Arc::new(Upstreams::new(&config.routes)?);
         Ok(Self {

@@ -129,7 +129,7 @@ async fn complete_login(
     };
 
     let now = now_s();
-    let session = Session {
+    let mut session = Session {
         id: random_token(),
         expires_at: tokens.expires_in.map(|s| now.saturating_add(s)),
         access_token: tokens.access_token,
@@ -140,14 +140,15 @@ async fn complete_login(
         idp_session_id: sid,
         created_at: now,
         last_seen: now,
+        generation: 0,
     };
     // A fresh session replaces whatever the browser had: no fixation.
     state.store.remove(cookies, None).await;
     state
         .store
-        .save(cookies, &session)
+        .save(cookies, &mut session)
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(crate::session::extract::store_error)?;
     tracing::info!("login completed");
 
     // Re-validated here as well: the transaction cookie is ours, but defence in depth is cheap.

@@ -106,14 +106,15 @@ fn find_key(
 }
 
 impl Idp {
-    /// Validates `token`. `nonce` is the value sent at /login (required when `Some`).
-    /// `max_age` bounds how old `iat` may be.
-    pub async fn validate_id_token(
+    /// Verifies a JWT from the IdP: algorithm allowed, signature with a JWKS key (or the client
+    /// secret for HS*), `iss` = our issuer, `aud` contains our client id, `exp` (when
+    /// `require_exp` or present), `iat` within the window. Returns the header and claims.
+    pub async fn verify_jwt(
         &self,
         token: &str,
-        nonce: Option<&str>,
+        required: &[&str],
         max_age: Duration,
-    ) -> Result<IdClaims, IdTokenError> {
+    ) -> Result<(jsonwebtoken::Header, Map<String, Value>), IdTokenError> {
         let header = decode_header(token).map_err(|_| IdTokenError::Malformed)?;
         let alg = header.alg;
         let key = if SYMMETRIC.contains(&alg) {
@@ -142,8 +143,9 @@ impl Idp {
         v.algorithms = vec![alg];
         v.set_issuer(&[self.config.issuer.as_str()]);
         v.set_audience(&[self.config.client_id.as_str()]);
-        v.set_required_spec_claims(&["exp", "iat", "iss", "aud", "sub"]);
+        v.set_required_spec_claims(required);
         v.leeway = self.config.clock_skew.as_secs();
+        // exp is checked whenever present (jsonwebtoken checks it only when required).
         v.validate_exp = true;
         v.validate_nbf = true;
         let data = decode::<Map<String, Value>>(token, &key, &v)
@@ -152,13 +154,31 @@ impl Idp {
 
         let now = now_s();
         let skew = self.config.clock_skew.as_secs();
+        // RFC 7519 §2: NumericDate may be fractional; absurd values must not overflow.
         let iat = claims
             .get("iat")
-            .and_then(Value::as_u64)
-            .ok_or(IdTokenError::IssuedAt)?;
-        if iat > now + skew || iat + max_age.as_secs() + skew < now {
+            .and_then(Value::as_f64)
+            .filter(|t| t.is_finite() && *t >= 0.0)
+            .ok_or(IdTokenError::IssuedAt)? as u64;
+        if iat > now.saturating_add(skew)
+            || iat.saturating_add(max_age.as_secs()).saturating_add(skew) < now
+        {
             return Err(IdTokenError::IssuedAt);
         }
+        Ok((data.header, claims))
+    }
+
+    /// Validates an ID token. `nonce` is the value sent at /login (required when `Some`).
+    /// `max_age` bounds how old `iat` may be.
+    pub async fn validate_id_token(
+        &self,
+        token: &str,
+        nonce: Option<&str>,
+        max_age: Duration,
+    ) -> Result<IdClaims, IdTokenError> {
+        let (_, claims) = self
+            .verify_jwt(token, &["exp", "iat", "iss", "aud", "sub"], max_age)
+            .await?;
 
         // §3.1.3.7 items 4–5: several audiences need an azp, and any azp must be us.
         let several_aud = claims
@@ -198,4 +218,69 @@ pub fn unverified_claims(token: &str) -> Option<Map<String, Value>> {
         .decode(payload.trim_end_matches('='))
         .ok()?;
     serde_json::from_slice(&bytes).ok()
+}
+
+/// The event a back-channel logout token must carry (OIDC Back-Channel Logout 1.0 §2.4).
+pub const BACKCHANNEL_EVENT: &str = "http://schemas.openid.net/event/backchannel-logout";
+
+/// What a valid logout token asks to end.
+#[derive(Debug, Clone)]
+pub struct LogoutClaims {
+    pub sub: Option<String>,
+    pub sid: Option<String>,
+    pub jti: String,
+}
+
+impl Idp {
+    /// Validates a back-channel logout token (OIDC Back-Channel Logout 1.0 §2.6): verified like an
+    /// ID token (signature, `iss`, `aud`, `iat`), with the logout event, `sid` and/or `sub`, a `jti`,
+    /// and no `nonce`.
+    pub async fn validate_logout_token(&self, token: &str) -> Result<LogoutClaims, IdTokenError> {
+        let (header, claims) = self
+            .verify_jwt(token, &["iat", "iss", "aud"], Duration::from_secs(600))
+            .await?;
+        // §2.4: explicit typing, when used, is `logout+jwt`.
+        if let Some(typ) = &header.typ {
+            if !typ.eq_ignore_ascii_case("logout+jwt") && !typ.eq_ignore_ascii_case("JWT") {
+                return Err(IdTokenError::Invalid("typ".into()));
+            }
+        }
+        if claims.contains_key("nonce") {
+            return Err(IdTokenError::Invalid(
+                "a logout token must not carry a nonce".into(),
+            ));
+        }
+        let has_event = claims
+            .get("events")
+            .and_then(Value::as_object)
+            .and_then(|e| e.get(BACKCHANNEL_EVENT))
+            .is_some_and(Value::is_object);
+        if !has_event {
+            return Err(IdTokenError::Invalid(
+                "missing the back-channel logout event".into(),
+            ));
+        }
+        let several_aud = claims
+            .get("aud")
+            .and_then(Value::as_array)
+            .is_some_and(|a| a.len() > 1);
+        match claims.get("azp") {
+            Some(Value::String(azp)) if azp == &self.config.client_id => {}
+            None if !several_aud => {}
+            _ => return Err(IdTokenError::AuthorizedParty),
+        }
+        let text = |k: &str| {
+            claims
+                .get(k)
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+        };
+        let (sub, sid) = (text("sub"), text("sid"));
+        if sub.is_none() && sid.is_none() {
+            return Err(IdTokenError::Invalid("neither sub nor sid".into()));
+        }
+        let jti = text("jti").ok_or(IdTokenError::Invalid("missing jti".into()))?;
+        Ok(LogoutClaims { sub, sid, jti })
+    }
 }

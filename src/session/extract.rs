@@ -4,7 +4,7 @@
 use http::{header, HeaderMap};
 use tower_cookies::Cookies;
 
-use super::store::Loaded;
+use super::store::{Loaded, StoreError};
 use super::tokens::{now_s, Session};
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -52,7 +52,7 @@ pub async fn optional_session(
     cookies: &Cookies,
 ) -> Result<Option<Session>, ApiError> {
     let store = &state.store;
-    let mut session = match store.load(cookies).await.map_err(ApiError::internal)? {
+    let mut session = match store.load(cookies).await.map_err(store_error)? {
         Loaded::None => return Ok(None),
         Loaded::Unreadable => {
             tracing::info!("unreadable session cookie cleared");
@@ -70,12 +70,27 @@ pub async fn optional_session(
     }
     if now.saturating_sub(session.last_seen) >= TOUCH_INTERVAL_S {
         session.last_seen = now;
-        store
-            .save(cookies, &session)
-            .await
-            .map_err(ApiError::internal)?;
+        match store.save(cookies, &mut session).await {
+            // Another request wrote the session meanwhile (e.g. a refresh): its write stands.
+            Ok(()) | Err(StoreError::Conflict) => {}
+            Err(e) => return Err(store_error(e)),
+        }
     }
     Ok(Some(session))
+}
+
+/// A session-store failure as the browser sees it.
+pub fn store_error(e: StoreError) -> ApiError {
+    match e {
+        StoreError::Unavailable(_) => {
+            ApiError::unavailable("the session store is unavailable; try again shortly")
+                .with_cause(e)
+        }
+        StoreError::Conflict => {
+            ApiError::unavailable("the session changed meanwhile; try again").with_cause(e)
+        }
+        StoreError::TooLarge => ApiError::internal(e),
+    }
 }
 
 /// Makes sure `session`'s access token is usable for a while (`oauth.refresh_skew_s`), refreshing
@@ -109,14 +124,21 @@ pub async fn force_refresh(
     session: &mut Session,
 ) -> Result<(), ApiError> {
     use super::refresh::RefreshError;
-    match state.refresher.refresh(&state.idp, session).await {
-        Ok(r) => {
-            session.apply(&r);
-            state
-                .store
-                .save(cookies, session)
-                .await
-                .map_err(ApiError::internal)?;
+    match state
+        .refresher
+        .refresh(&state.idp, &state.store, session)
+        .await
+    {
+        Ok(fresh) => {
+            *session = (*fresh).clone();
+            // A server-side store persisted it already (compare-and-swap, once for all replicas).
+            if !state.store.is_server_side() {
+                state
+                    .store
+                    .save(cookies, session)
+                    .await
+                    .map_err(store_error)?;
+            }
             Ok(())
         }
         Err(RefreshError::NoRefreshToken) => {

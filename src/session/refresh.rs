@@ -11,6 +11,7 @@ use oauth2::RefreshToken;
 use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 
+use super::store::SessionStore;
 use super::tokens::{now_s, Session};
 use crate::idp::{Idp, IdpError};
 
@@ -18,15 +19,6 @@ use crate::idp::{Idp, IdpError};
 pub const REUSE_WINDOW: Duration = Duration::from_secs(30);
 /// Bound on remembered refreshes (memory stays flat under load).
 const MAX_ENTRIES: usize = 100_000;
-
-/// New tokens from a refresh grant, ready to merge into a session.
-#[derive(Debug, Clone)]
-pub struct Refreshed {
-    pub response: crate::idp::TokenResponse,
-    pub obtained_at: u64,
-    /// The validated `sub` of a new ID token, when one came back.
-    pub id_sub: Option<String>,
-}
 
 /// Why a refresh did not yield tokens.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -41,7 +33,8 @@ pub enum RefreshError {
     Transient(IdpError),
 }
 
-type Outcome = Result<Arc<Refreshed>, RefreshError>;
+/// The session with refreshed tokens (already persisted when the store is server-side).
+type Outcome = Result<Arc<Session>, RefreshError>;
 
 struct Entry {
     started: Instant,
@@ -81,7 +74,7 @@ impl Refresher {
 
     /// Refreshes `session`'s tokens, joining a refresh already under way (or just done) for the
     /// same refresh token.
-    pub async fn refresh(&self, idp: &Idp, session: &Session) -> Outcome {
+    pub async fn refresh(&self, idp: &Idp, store: &SessionStore, session: &Session) -> Outcome {
         let rt = session
             .refresh_token
             .clone()
@@ -119,7 +112,7 @@ impl Refresher {
         // If the request that started the refresh goes away, the next waiter takes over.
         let outcome = cell
             .get_or_init(|| async {
-                let result = do_refresh(idp, &rt, session).await;
+                let result = store.refresh(idp, session).await.map(Arc::new);
                 match &result {
                     Ok(_) => {
                         self.metrics.refresh("ok");
@@ -150,7 +143,13 @@ impl Refresher {
     }
 }
 
-async fn do_refresh(idp: &Idp, rt: &RefreshToken, session: &Session) -> Outcome {
+/// The refresh grant itself (RFC 6749 §6): the IdP call, the check of a new ID token, and the
+/// merged session. Persists nothing.
+pub async fn grant(idp: &Idp, session: &Session) -> Result<Session, RefreshError> {
+    let rt = session
+        .refresh_token
+        .as_ref()
+        .ok_or(RefreshError::NoRefreshToken)?;
     let resp = idp.refresh(rt).await.map_err(|e| {
         if let IdpError::OAuth { error, .. } = &e {
             // RFC 6749 §5.2: these mean the grant cannot succeed if retried.
@@ -167,33 +166,26 @@ async fn do_refresh(idp: &Idp, rt: &RefreshToken, session: &Session) -> Outcome 
         RefreshError::Transient(e)
     })?;
     // OIDC Core §12.2: a new ID token must be about the same user.
-    let id_sub = match &resp.id_token {
-        Some(t) => {
-            let c = idp
-                .validate_id_token(t, None, Duration::from_secs(600))
-                .await
-                .map_err(|e| RefreshError::Fatal(format!("new ID token refused: {e}")))?;
-            if c.sub != session.subject {
-                return Err(RefreshError::Fatal(
-                    "new ID token names another subject".into(),
-                ));
-            }
-            Some(c.sub)
+    if let Some(t) = &resp.id_token {
+        let c = idp
+            .validate_id_token(t, None, Duration::from_secs(600))
+            .await
+            .map_err(|e| RefreshError::Fatal(format!("new ID token refused: {e}")))?;
+        if c.sub != session.subject {
+            return Err(RefreshError::Fatal(
+                "new ID token names another subject".into(),
+            ));
         }
-        None => None,
-    };
-    Ok(Arc::new(Refreshed {
-        response: resp,
-        obtained_at: now_s(),
-        id_sub,
-    }))
+    }
+    let mut next = session.clone();
+    next.apply(&resp, now_s());
+    Ok(next)
 }
 
 impl Session {
     /// Merges refreshed tokens: a rotated refresh token replaces the old one (RFC 6749 §6), an
     /// absent one means the old one stays valid.
-    pub fn apply(&mut self, r: &Refreshed) {
-        let t = &r.response;
+    pub fn apply(&mut self, t: &crate::idp::TokenResponse, obtained_at: u64) {
         self.access_token = t.access_token.clone();
         if let Some(rt) = &t.refresh_token {
             self.refresh_token = Some(rt.clone());
@@ -201,7 +193,7 @@ impl Session {
         if let Some(it) = &t.id_token {
             self.id_token = Some(it.clone());
         }
-        self.expires_at = t.expires_in.map(|s| r.obtained_at.saturating_add(s));
+        self.expires_at = t.expires_in.map(|s| obtained_at.saturating_add(s));
         if t.scope.is_some() {
             self.scope = t.scope.clone();
         }

@@ -1,38 +1,61 @@
-//! Where sessions live. The embedded default keeps the whole session, sealed, in the browser's
-//! cookies (stateless; nothing to run). Swapping the backend edits this file only.
+//! Where sessions live.
+//! - `cookie` (the embedded default): the whole session, sealed, in the browser's cookies;
+//!   stateless, nothing to run, cannot be revoked server-side.
+//! - `redis`: the cookie holds a sealed opaque session id; the tokens live in Redis, sealed at rest,
+//!   shared by every replica ([`super::store_redis`]).
+//!
+//! Swapping the backend edits `store*.rs` only.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tower_cookies::Cookies;
 
 use super::cookie::CookieRules;
+use super::refresh::{grant, RefreshError};
 use super::seal::Sealer;
+use super::store_redis::RedisStore;
 use super::tokens::Session;
+use crate::idp::Idp;
 use crate::metrics::Metrics;
 
-/// What a store can fail with (the cookie store cannot; the Redis store will).
+/// What a store can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("the session does not fit in the allowed cookies")]
     TooLarge,
+    #[error("the session store is unavailable: {0}")]
+    Unavailable(String),
+    #[error("the session was changed by another request")]
+    Conflict,
 }
 
 /// A loaded session, or why there is none.
+// Built once per request and consumed at once: boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Loaded {
     None,
-    /// The browser sent a session cookie that we could not open (tampered, old key, junk).
+    /// The browser sent a session cookie that we could not use (tampered, old key, junk, or a
+    /// session that no longer exists server-side).
     Unreadable,
     Some(Session),
 }
 
-/// The session backend.
+#[derive(Debug, Clone)]
+enum Backend {
+    Cookie,
+    Redis(Arc<RedisStore>),
+}
+
+/// The session backend, with the cookie rules both backends share.
 #[derive(Debug, Clone)]
 pub struct SessionStore {
+    backend: Backend,
     sealer: Sealer,
     rules: CookieRules,
     absolute: Duration,
+    idle: Duration,
     metrics: Arc<Metrics>,
 }
 
@@ -40,13 +63,34 @@ impl SessionStore {
     pub fn cookie(
         sealer: Sealer,
         rules: CookieRules,
+        idle: Duration,
         absolute: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
+            backend: Backend::Cookie,
             sealer,
             rules,
             absolute,
+            idle,
+            metrics,
+        }
+    }
+
+    pub fn redis(
+        redis: Arc<RedisStore>,
+        sealer: Sealer,
+        rules: CookieRules,
+        idle: Duration,
+        absolute: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            backend: Backend::Redis(redis),
+            sealer,
+            rules,
+            absolute,
+            idle,
             metrics,
         }
     }
@@ -55,10 +99,26 @@ impl SessionStore {
         &self.rules
     }
 
+    /// True when sessions live on the server (revocable, shared by replicas).
+    pub fn is_server_side(&self) -> bool {
+        matches!(self.backend, Backend::Redis(_))
+    }
+
+    pub fn redis_store(&self) -> Option<&Arc<RedisStore>> {
+        match &self.backend {
+            Backend::Redis(r) => Some(r),
+            Backend::Cookie => None,
+        }
+    }
+
+    fn observe<T>(&self, op: &'static str, started: Instant, r: &Result<T, StoreError>) {
+        self.metrics.store_op(op, started.elapsed(), r.is_ok());
+    }
+
     pub async fn load(&self, cookies: &Cookies) -> Result<Loaded, StoreError> {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let r = self.load_inner(cookies).await;
-        self.metrics.store_op("load", started.elapsed(), r.is_ok());
+        self.observe("load", started, &r);
         r
     }
 
@@ -70,31 +130,54 @@ impl SessionStore {
                 Loaded::None
             });
         };
-        let name = self.rules.session_name().as_bytes();
-        Ok(self
+        let Some(plain) = self
             .sealer
-            .open(name, &sealed)
-            .and_then(|plain| serde_json::from_slice::<Session>(&plain).ok())
-            .map_or(Loaded::Unreadable, Loaded::Some))
+            .open(self.rules.session_name().as_bytes(), &sealed)
+        else {
+            return Ok(Loaded::Unreadable);
+        };
+        match &self.backend {
+            Backend::Cookie => {
+                Ok(serde_json::from_slice::<Session>(&plain)
+                    .map_or(Loaded::Unreadable, Loaded::Some))
+            }
+            Backend::Redis(r) => {
+                let Ok(sid) = std::str::from_utf8(&plain) else {
+                    return Ok(Loaded::Unreadable);
+                };
+                Ok(r.get(sid).await?.map_or(Loaded::Unreadable, Loaded::Some))
+            }
+        }
     }
 
-    pub async fn save(&self, cookies: &Cookies, session: &Session) -> Result<(), StoreError> {
-        let started = std::time::Instant::now();
+    /// Persists `session` and (re)writes its cookie. With Redis the write is a compare-and-swap on
+    /// `session.generation`, which is advanced on success.
+    pub async fn save(&self, cookies: &Cookies, session: &mut Session) -> Result<(), StoreError> {
+        let started = Instant::now();
         let r = self.save_inner(cookies, session).await;
-        self.metrics.store_op("save", started.elapsed(), r.is_ok());
+        self.observe("save", started, &r);
         r
     }
 
-    async fn save_inner(&self, cookies: &Cookies, session: &Session) -> Result<(), StoreError> {
-        let plain = serde_json::to_vec(session).map_err(|_| StoreError::TooLarge)?;
+    fn cookie_max_age(&self, session: &Session) -> Duration {
+        let now = super::tokens::now_s();
+        Duration::from_secs(session.absolute_deadline(self.absolute).saturating_sub(now))
+    }
+
+    async fn save_inner(&self, cookies: &Cookies, session: &mut Session) -> Result<(), StoreError> {
+        let cookie_value = match &self.backend {
+            Backend::Cookie => serde_json::to_vec(session).map_err(|_| StoreError::TooLarge)?,
+            Backend::Redis(r) => {
+                r.put(session, self.idle, self.absolute).await?;
+                session.id.as_bytes().to_vec()
+            }
+        };
         let sealed = self
             .sealer
-            .seal(self.rules.session_name().as_bytes(), &plain);
-        let now = super::tokens::now_s();
-        let left = session.absolute_deadline(self.absolute).saturating_sub(now);
+            .seal(self.rules.session_name().as_bytes(), &cookie_value);
         if self
             .rules
-            .write_session(cookies, &sealed, Duration::from_secs(left))
+            .write_session(cookies, &sealed, self.cookie_max_age(session))
         {
             Ok(())
         } else {
@@ -102,12 +185,36 @@ impl SessionStore {
         }
     }
 
-    /// Whether the store answers (the cookie store always does).
+    /// Whether the store answers.
     pub async fn ping(&self) -> bool {
-        true
+        match &self.backend {
+            Backend::Cookie => true,
+            Backend::Redis(r) => r.ping().await,
+        }
     }
 
-    pub async fn remove(&self, cookies: &Cookies, _session: Option<&Session>) {
+    /// Ends the session: its cookies are cleared and, server-side, it is deleted for every replica.
+    pub async fn remove(&self, cookies: &Cookies, session: Option<&Session>) {
+        if let (Backend::Redis(r), Some(s)) = (&self.backend, session) {
+            let started = Instant::now();
+            let res = r.delete(s).await;
+            self.observe("delete", started, &res);
+            if let Err(e) = res {
+                tracing::warn!(error = %e, "could not delete the session from the store");
+            }
+        }
         self.rules.clear_session(cookies);
+    }
+
+    /// Refreshes the session's tokens. Cookie store: the grant alone (the caller writes the
+    /// cookie). Redis: coordinated across replicas with a lease, persisted with compare-and-swap.
+    pub async fn refresh(&self, idp: &Idp, session: &Session) -> Result<Session, RefreshError> {
+        match &self.backend {
+            Backend::Cookie => grant(idp, session).await,
+            Backend::Redis(r) => {
+                r.refresh_coordinated(idp, session, self.idle, self.absolute)
+                    .await
+            }
+        }
     }
 }

@@ -41,6 +41,9 @@ pub struct Session {
     pub created_at: u64,
     #[serde(rename = "seen")]
     pub last_seen: u64,
+    /// Write generation in a server-side store (compare-and-swap); unused by the cookie store.
+    #[serde(rename = "gen", default)]
+    pub generation: u64,
 }
 
 /// Why a session is not usable.
@@ -102,6 +105,7 @@ mod tests {
             idp_session_id: None,
             created_at: now,
             last_seen: now,
+            generation: 0,
         }
     }
 

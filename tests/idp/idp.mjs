@@ -6,6 +6,7 @@
 //   PORT                  listen port on 127.0.0.1 (default 0 = random)
 //   IDP_CLIENTS           JSON array of client metadata (default: the demo client "tokengate")
 //   IDP_ACCESS_TOKEN_TTL  access token lifetime in seconds (default 300)
+//   IDP_TOKEN_DELAY_MS    test-only: delay every token-endpoint answer (default 0)
 //
 // On listening, prints exactly one JSON line to stdout:
 //   {"issuer":"http://127.0.0.1:PORT","port":PORT}
@@ -31,6 +32,8 @@ function intEnv(name, dflt) {
 
 const PORT = intEnv('PORT', 0);
 const ACCESS_TOKEN_TTL = intEnv('IDP_ACCESS_TOKEN_TTL', 300);
+// Test-only: answer token requests this much later (widens race windows on purpose).
+const TOKEN_DELAY_MS = intEnv('IDP_TOKEN_DELAY_MS', 0);
 
 const DEFAULT_CLIENTS = [{
   client_id: 'tokengate',
@@ -87,6 +90,8 @@ ${body}
 const stats = {
   grants: { authorization_code: 0, refresh_token: 0, client_credentials: 0 },
   revocations: 0,
+  // every POST /token, successful or not
+  token_requests: 0,
   // tokens actually found and revoked at the revocation endpoint, by kind
   revoked: { access_token: 0, refresh_token: 0, client_credentials: 0 },
 };
@@ -176,6 +181,10 @@ async function start() {
     if (ctx.method === 'GET' && ctx.path === '/__stats') {
       ctx.body = stats;
       return;
+    }
+    if (ctx.method === 'POST' && ctx.path === '/token') stats.token_requests += 1;
+    if (TOKEN_DELAY_MS > 0 && ctx.method === 'POST' && ctx.path === '/token') {
+      await new Promise((resolve) => { setTimeout(resolve, TOKEN_DELAY_MS); });
     }
     await next();
     log(ctx.method, ctx.originalUrl.split('?')[0], ctx.status);

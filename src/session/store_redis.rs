@@ -1,0 +1,425 @@
+//! Server-side sessions in Redis, shared by every replica.
+//!
+//! Keys (the `{sid}` hash tag keeps one session's keys in one cluster slot):
+//! - `tg:{sid}:s` — hash `g` (generation) + `d` (the session, sealed with the session keys and the
+//!   key name as associated data); TTL = idle timeout, capped by the absolute deadline;
+//! - `tg:{sid}:lease` — the refresh lease (`SET NX PX`, owner token, compare-and-delete release);
+//! - `tg:sub:<sub>`, `tg:isid:<idp sid>` — sets of session ids for back-channel logout;
+//! - `tg:jti:<jti>` — logout-token ids already used (replay protection).
+//!
+//! Every call has a timeout; an unreachable Redis gives `StoreError::Unavailable` (503), never a
+//! hang or a panic, and the connection manager reconnects by itself.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::RngCore;
+use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
+use redis::{FromRedisValue, Script};
+use tokio::sync::RwLock;
+
+use super::refresh::{grant, RefreshError};
+use super::seal::Sealer;
+use super::store::StoreError;
+use super::tokens::{now_s, Session};
+use crate::idp::{Idp, IdpError};
+
+/// How long one Redis call may take before the request gets a 503.
+pub const CALL_TIMEOUT: Duration = Duration::from_millis(1000);
+/// How long a refresh lease lives if its holder dies.
+const LEASE_TTL: Duration = Duration::from_secs(15);
+/// How long a request waits for another replica's refresh before answering 503.
+const LEASE_WAIT: Duration = Duration::from_secs(20);
+const LEASE_POLL: Duration = Duration::from_millis(25);
+
+const CAS: &str = r"
+local cur = redis.call('HGET', KEYS[1], 'g')
+if (cur == false and ARGV[1] == '0') or cur == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'g', ARGV[2], 'd', ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  return 1
+end
+return 0
+";
+
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// The Redis session backend.
+pub struct RedisStore {
+    target: Target,
+    conn: RwLock<Option<Conn>>,
+    sealer: Sealer,
+    cas: Script,
+    release: Script,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RedisStore")
+    }
+}
+
+#[derive(Clone)]
+enum Target {
+    Single(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn session_key(sid: &str) -> String {
+    format!("tg:{{{sid}}}:s")
+}
+
+fn lease_key(sid: &str) -> String {
+    format!("tg:{{{sid}}}:lease")
+}
+
+fn index_keys(s: &Session) -> Vec<String> {
+    let mut keys = vec![format!("tg:sub:{}", s.subject)];
+    if let Some(isid) = &s.idp_session_id {
+        keys.push(format!("tg:isid:{isid}"));
+    }
+    keys
+}
+
+impl RedisStore {
+    /// `url`: `redis://` or `rediss://` (TLS); several comma-separated URLs: a Redis Cluster.
+    /// Connecting happens in the background: tokengate starts while Redis is down.
+    pub fn new(url: &str, sealer: Sealer) -> anyhow::Result<Arc<Self>> {
+        let urls: Vec<&str> = url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect();
+        let target = if urls.len() > 1 {
+            Target::Cluster(
+                redis::cluster::ClusterClientBuilder::new(urls)
+                    .connection_timeout(CALL_TIMEOUT)
+                    .response_timeout(CALL_TIMEOUT)
+                    .build()?,
+            )
+        } else {
+            Target::Single(redis::Client::open(url)?)
+        };
+        Ok(Arc::new(Self {
+            target,
+            conn: RwLock::new(None),
+            sealer,
+            cas: Script::new(CAS),
+            release: Script::new(RELEASE),
+        }))
+    }
+
+    /// A connection, connecting first if needed (bounded by [`CALL_TIMEOUT`]).
+    async fn conn(&self) -> Result<Conn, StoreError> {
+        if let Some(c) = self.conn.read().await.as_ref() {
+            return Ok(c.clone());
+        }
+        let mut slot = self.conn.write().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let connect = async {
+            match &self.target {
+                Target::Single(client) => {
+                    let cfg = redis::aio::ConnectionManagerConfig::new()
+                        .set_connection_timeout(CALL_TIMEOUT)
+                        .set_response_timeout(CALL_TIMEOUT)
+                        .set_number_of_retries(1)
+                        .set_max_delay(200);
+                    ConnectionManager::new_with_config(client.clone(), cfg)
+                        .await
+                        .map(Conn::Single)
+                }
+                Target::Cluster(c) => c.get_async_connection().await.map(Conn::Cluster),
+            }
+        };
+        let c = tokio::time::timeout(CALL_TIMEOUT, connect)
+            .await
+            .map_err(|_| unavailable("connect timed out"))?
+            .map_err(unavailable)?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
+        let conn = self.conn().await?;
+        let fut = async {
+            match conn {
+                Conn::Single(mut c) => cmd.query_async::<T>(&mut c).await,
+                Conn::Cluster(mut c) => cmd.query_async::<T>(&mut c).await,
+            }
+        };
+        tokio::time::timeout(CALL_TIMEOUT, fut)
+            .await
+            .map_err(|_| unavailable("call timed out"))?
+            .map_err(unavailable)
+    }
+
+    async fn invoke<T: FromRedisValue>(
+        &self,
+        inv: redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        let conn = self.conn().await?;
+        let fut = async {
+            match conn {
+                Conn::Single(mut c) => inv.invoke_async::<T>(&mut c).await,
+                Conn::Cluster(mut c) => inv.invoke_async::<T>(&mut c).await,
+            }
+        };
+        tokio::time::timeout(CALL_TIMEOUT, fut)
+            .await
+            .map_err(|_| unavailable("call timed out"))?
+            .map_err(unavailable)
+    }
+
+    pub async fn ping(&self) -> bool {
+        self.query::<String>(&redis::cmd("PING")).await.is_ok()
+    }
+
+    /// The session `sid`, or `None` when it does not exist (expired, logged out, revoked).
+    pub async fn get(&self, sid: &str) -> Result<Option<Session>, StoreError> {
+        let key = session_key(sid);
+        let (generation, data): (Option<u64>, Option<String>) = self
+            .query(redis::cmd("HMGET").arg(&key).arg("g").arg("d"))
+            .await?;
+        let (Some(generation), Some(data)) = (generation, data) else {
+            return Ok(None);
+        };
+        let Some(plain) = self.sealer.open(key.as_bytes(), &data) else {
+            return Ok(None);
+        };
+        let Ok(mut s) = serde_json::from_slice::<Session>(&plain) else {
+            return Ok(None);
+        };
+        if s.id != sid {
+            return Ok(None);
+        }
+        s.generation = generation;
+        Ok(Some(s))
+    }
+
+    /// Compare-and-swap write: succeeds only if the stored generation is still
+    /// `session.generation` (0: the session must not exist yet); then advances it.
+    pub async fn put(
+        &self,
+        session: &mut Session,
+        idle: Duration,
+        absolute: Duration,
+    ) -> Result<(), StoreError> {
+        let key = session_key(&session.id);
+        let now = now_s();
+        let left = session.absolute_deadline(absolute).saturating_sub(now);
+        let ttl_ms = idle.as_secs().min(left).max(1).saturating_mul(1000);
+        let next = session.generation + 1;
+        let mut stored = session.clone();
+        stored.generation = next;
+        let plain = serde_json::to_vec(&stored).map_err(|_| StoreError::TooLarge)?;
+        let sealed = self.sealer.seal(key.as_bytes(), &plain);
+        let mut inv = self.cas.key(&key);
+        inv.arg(session.generation)
+            .arg(next)
+            .arg(&sealed)
+            .arg(ttl_ms);
+        let ok: i64 = self.invoke(inv).await?;
+        if ok != 1 {
+            return Err(StoreError::Conflict);
+        }
+        if session.generation == 0 {
+            // Indexes for back-channel logout (best effort: a miss only means that logout
+            // falls back to the session's own expiry).
+            for idx in index_keys(session) {
+                let r = async {
+                    self.query::<i64>(redis::cmd("SADD").arg(&idx).arg(&session.id))
+                        .await?;
+                    self.query::<i64>(
+                        redis::cmd("EXPIRE")
+                            .arg(&idx)
+                            .arg(absolute.as_secs().max(1)),
+                    )
+                    .await
+                }
+                .await;
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "could not index the session");
+                }
+            }
+        }
+        session.generation = next;
+        Ok(())
+    }
+
+    pub async fn delete(&self, session: &Session) -> Result<(), StoreError> {
+        self.query::<i64>(redis::cmd("DEL").arg(session_key(&session.id)))
+            .await?;
+        for idx in index_keys(session) {
+            let _ = self
+                .query::<i64>(redis::cmd("SREM").arg(idx).arg(&session.id))
+                .await;
+        }
+        Ok(())
+    }
+
+    /// Deletes every session indexed under `sub` and/or the IdP session id `isid`
+    /// (back-channel logout). Returns how many were deleted.
+    pub async fn delete_matching(
+        &self,
+        sub: Option<&str>,
+        isid: Option<&str>,
+    ) -> Result<usize, StoreError> {
+        // OIDC Back-Channel Logout §2.7: with a sid, only that IdP session's RP sessions end.
+        let index = match (isid, sub) {
+            (Some(isid), _) => format!("tg:isid:{isid}"),
+            (None, Some(sub)) => format!("tg:sub:{sub}"),
+            (None, None) => return Ok(0),
+        };
+        let sids: Vec<String> = self.query(redis::cmd("SMEMBERS").arg(&index)).await?;
+        let mut n = 0;
+        for sid in &sids {
+            if let Some(s) = self.get(sid).await? {
+                // With both sid and sub given, both must match.
+                if sub.is_some_and(|sub| sub != s.subject) {
+                    continue;
+                }
+                self.delete(&s).await?;
+                n += 1;
+            }
+        }
+        let _ = self.query::<i64>(redis::cmd("DEL").arg(&index)).await;
+        Ok(n)
+    }
+
+    /// Records a logout token's `jti`; false if it was seen before (a replay).
+    pub async fn first_jti(&self, jti: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let r: Option<String> = self
+            .query(
+                redis::cmd("SET")
+                    .arg(format!("tg:jti:{jti}"))
+                    .arg(1)
+                    .arg("NX")
+                    .arg("EX")
+                    .arg(ttl.as_secs().max(1)),
+            )
+            .await?;
+        Ok(r.is_some())
+    }
+
+    async fn try_lease(&self, sid: &str, owner: &str) -> Result<bool, StoreError> {
+        let r: Option<String> = self
+            .query(
+                redis::cmd("SET")
+                    .arg(lease_key(sid))
+                    .arg(owner)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(LEASE_TTL.as_millis() as u64),
+            )
+            .await?;
+        Ok(r.is_some())
+    }
+
+    async fn release_lease(&self, sid: &str, owner: &str) {
+        let mut inv = self.release.key(lease_key(sid));
+        inv.arg(owner);
+        if let Err(e) = self.invoke::<i64>(inv).await {
+            // The lease expires by itself.
+            tracing::warn!(error = %e, "could not release the refresh lease");
+        }
+    }
+
+    /// One refresh grant for the session across all replicas: the holder of the lease refreshes
+    /// (after re-reading the session: another replica may have done it already) and writes with
+    /// compare-and-swap; the others wait for the new generation and use it.
+    pub async fn refresh_coordinated(
+        &self,
+        idp: &Idp,
+        session: &Session,
+        idle: Duration,
+        absolute: Duration,
+    ) -> Result<Session, RefreshError> {
+        let store_down = |e: StoreError| {
+            RefreshError::Transient(IdpError::Transport(format!("session store: {e}")))
+        };
+        let mut owner = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut owner);
+        let owner: String = owner.iter().map(|b| format!("{b:02x}")).collect();
+        let deadline = tokio::time::Instant::now() + LEASE_WAIT;
+        loop {
+            if self
+                .try_lease(&session.id, &owner)
+                .await
+                .map_err(store_down)?
+            {
+                let result = self
+                    .refresh_holding_lease(idp, session, idle, absolute)
+                    .await;
+                self.release_lease(&session.id, &owner).await;
+                return result;
+            }
+            // Someone else is refreshing: wait for their write.
+            tokio::time::sleep(LEASE_POLL).await;
+            match self.get(&session.id).await.map_err(store_down)? {
+                Some(current) if current.access_token.secret() != session.access_token.secret() => {
+                    return Ok(current)
+                }
+                Some(_) => {}
+                None => return Err(RefreshError::Fatal("the session ended".into())),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(RefreshError::Transient(IdpError::Timeout));
+            }
+        }
+    }
+
+    async fn refresh_holding_lease(
+        &self,
+        idp: &Idp,
+        seen: &Session,
+        idle: Duration,
+        absolute: Duration,
+    ) -> Result<Session, RefreshError> {
+        let store_down = |e: StoreError| {
+            RefreshError::Transient(IdpError::Transport(format!("session store: {e}")))
+        };
+        let Some(current) = self.get(&seen.id).await.map_err(store_down)? else {
+            return Err(RefreshError::Fatal("the session ended".into()));
+        };
+        // Refreshed by another replica since this request read it: nothing to do.
+        if current.access_token.secret() != seen.access_token.secret() {
+            return Ok(current);
+        }
+        let mut next = match grant(idp, &current).await {
+            Ok(n) => n,
+            Err(e @ RefreshError::Fatal(_)) => {
+                let _ = self.delete(&current).await;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        // The new refresh token must be stored before anyone can be answered with it.
+        match self.put(&mut next, idle, absolute).await {
+            Ok(()) => Ok(next),
+            Err(StoreError::Conflict) => self
+                .get(&seen.id)
+                .await
+                .map_err(store_down)?
+                .ok_or_else(|| RefreshError::Fatal("the session ended".into())),
+            Err(e) => Err(store_down(e)),
+        }
+    }
+}

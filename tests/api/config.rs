@@ -1,0 +1,287 @@
+//! Configuration: every problem reported at once, env overrides, the binary's exit code, readiness.
+
+use std::time::Duration;
+
+use tokengate::config::Config;
+
+use crate::helpers::*;
+
+fn toml_with(public_url: &str, keys: &str, prefix: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+public_url = "{public_url}"
+static_dir = "static"
+
+[oauth]
+issuer = "http://127.0.0.1:9"
+client_id = "tokengate"
+client_secret = "secret"
+scopes = ["openid"]
+
+[session]
+store = "cookie"
+keys = [{keys}]
+
+[[routes]]
+prefix = "{prefix}"
+upstream = "http://127.0.0.1:3000"
+"#
+    )
+}
+
+fn good_key() -> String {
+    format!("\"{}\"", session_key(1))
+}
+
+fn no_env() -> Vec<(String, String)> {
+    Vec::new()
+}
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn a_valid_config_loads() {
+    let toml = toml_with("http://127.0.0.1:8080", &good_key(), "/api");
+    if let Err(e) = Config::load(&toml, no_env()) {
+        panic!("valid config rejected: {e}");
+    }
+}
+
+#[test]
+fn config_errors_name_every_problem_at_once() {
+    // Three independent problems: a non-http(s) public_url, a session key that is not 32 bytes,
+    // and a route prefix that is not an absolute path.
+    let toml = toml_with("ftp://example.com", "\"dG9vIHNob3J0\"", "api");
+    let err = match Config::load(&toml, no_env()) {
+        Ok(_) => panic!("config with three problems was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("public_url"),
+        "error does not name server.public_url: {err}"
+    );
+    assert!(
+        err.contains("keys"),
+        "error does not name session.keys: {err}"
+    );
+    assert!(
+        err.contains("prefix") || err.contains("routes"),
+        "error does not name routes[0].prefix: {err}"
+    );
+}
+
+#[test]
+fn env_override_replaces_a_bad_file_value() {
+    let toml = toml_with("ftp://example.com", &good_key(), "/api");
+    assert!(
+        Config::load(&toml, no_env()).is_err(),
+        "control: the file alone must be invalid"
+    );
+    let fixed = Config::load(
+        &toml,
+        env(&[("TOKENGATE_SERVER__PUBLIC_URL", "http://127.0.0.1:8080")]),
+    );
+    if let Err(e) = fixed {
+        panic!("TOKENGATE_SERVER__PUBLIC_URL did not override server.public_url: {e}");
+    }
+}
+
+#[test]
+fn env_override_is_validated_like_the_file() {
+    let toml = toml_with("http://127.0.0.1:8080", &good_key(), "/api");
+    let err = match Config::load(
+        &toml,
+        env(&[("TOKENGATE_SERVER__PUBLIC_URL", "ftp://example.com")]),
+    ) {
+        Ok(_) => panic!("a bad public_url from the environment was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("public_url"),
+        "error does not name server.public_url: {err}"
+    );
+}
+
+#[test]
+fn unrelated_env_vars_are_ignored() {
+    let toml = toml_with("http://127.0.0.1:8080", &good_key(), "/api");
+    let res = Config::load(
+        &toml,
+        env(&[
+            ("PATH", "/usr/bin"),
+            ("HOME", "/root"),
+            ("OTHERAPP_X__Y", "1"),
+        ]),
+    );
+    if let Err(e) = res {
+        panic!("unrelated environment variables broke the config: {e}");
+    }
+}
+
+#[test]
+fn unknown_key_is_rejected_by_name() {
+    let toml = toml_with("http://127.0.0.1:8080", &good_key(), "/api").replace(
+        "client_secret = \"secret\"",
+        "client_secret = \"secret\"\nclient_secrett = \"typo\"",
+    );
+    let err = match Config::load(&toml, no_env()) {
+        Ok(_) => panic!("a misspelt key was silently accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("client_secrett"),
+        "error does not name the unknown key: {err}"
+    );
+}
+
+#[test]
+fn session_key_must_be_32_bytes_of_base64() {
+    for bad in [
+        "\"not base64 !!\"",
+        &format!("\"{}\"", base64_of(&[1u8; 16])),
+        &format!("\"{}\"", base64_of(&[1u8; 64])),
+    ] {
+        let toml = toml_with("http://127.0.0.1:8080", bad, "/api");
+        let err = match Config::load(&toml, no_env()) {
+            Ok(_) => panic!("session key {bad} accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains("keys"),
+            "error does not name session.keys for {bad}: {err}"
+        );
+    }
+}
+
+fn base64_of(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+async fn run_binary(args: &[&str]) -> std::process::Output {
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokengate"))
+        .args(args)
+        .env_remove("TOKENGATE_SERVER__PUBLIC_URL")
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(Duration::from_secs(20), child)
+        .await
+        .expect("tokengate with an invalid config must exit, not serve")
+        .expect("run tokengate")
+}
+
+fn temp_file(name: &str, contents: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tokengate-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(name);
+    std::fs::write(&path, contents).expect("write temp config");
+    path
+}
+
+#[tokio::test]
+async fn binary_exits_2_listing_all_problems_on_stderr() {
+    let path = temp_file(
+        "bad.toml",
+        &toml_with("ftp://example.com", "\"dG9vIHNob3J0\"", "api"),
+    );
+    let out = run_binary(&["--config", path.to_str().expect("utf8 path")]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "exit code (stderr: {stderr})");
+    assert!(
+        stderr.contains("public_url"),
+        "stderr does not name server.public_url: {stderr}"
+    );
+    assert!(
+        stderr.contains("keys"),
+        "stderr does not name session.keys: {stderr}"
+    );
+    assert!(
+        stderr.contains("prefix") || stderr.contains("routes"),
+        "stderr does not name the route: {stderr}"
+    );
+    assert!(
+        !stderr.contains("dG9vIHNob3J0"),
+        "stderr echoes the (bad) session key: {stderr}"
+    );
+}
+
+#[tokio::test]
+async fn binary_fails_on_a_missing_config_file() {
+    let out = run_binary(&["--config", "/nonexistent/tokengate-test/config.toml"]).await;
+    assert!(
+        !out.status.success(),
+        "tokengate started without its config file"
+    );
+}
+
+#[tokio::test]
+async fn readyz_is_503_while_the_idp_is_unreachable() {
+    let dead = dead_port_url().await;
+    let app = spawn_app_with(AppOptions::default().issuer(&dead).no_wait()).await;
+    // Give it a moment to try (bounded), then it must still say "not ready".
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut last = 0;
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(r) = app.raw_client.get(app.url("/readyz")).send().await {
+            last = r.status().as_u16();
+            assert_ne!(
+                last, 200,
+                "/readyz said ready although the IdP is unreachable"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(last, 503, "/readyz status while the IdP is down");
+    let health = app
+        .raw_client
+        .get(app.url("/healthz"))
+        .send()
+        .await
+        .expect("GET /healthz");
+    assert_eq!(
+        health.status(),
+        200,
+        "/healthz is liveness: it must not depend on the IdP"
+    );
+}
+
+#[tokio::test]
+async fn discovery_issuer_mismatch_keeps_the_app_unready() {
+    let idp = FakeIdp::start().await;
+    idp.behave(|b| b.metadata_issuer_override = Some("http://evil.example".to_owned()));
+    let app = spawn_app_with(AppOptions::default().idp(&idp).no_wait()).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut seen = false;
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(r) = app.raw_client.get(app.url("/readyz")).send().await {
+            seen = true;
+            assert_ne!(
+                r.status(),
+                200,
+                "provider with a mismatching issuer in its metadata was accepted"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(seen, "/readyz never answered");
+    let login = app
+        .raw_client
+        .get(app.url("/login"))
+        .send()
+        .await
+        .expect("GET /login");
+    assert!(
+        !login
+            .headers()
+            .get("location")
+            .is_some_and(|l| l.to_str().unwrap_or("").contains("authorize")),
+        "login redirected to a provider whose metadata failed validation"
+    );
+}

@@ -1,0 +1,17 @@
+//! One integration binary: black-box tests of tokengate served on 127.0.0.1:0 against a controllable
+//! fake IdP and an echo API (hostile and negative paths). One module per stage of the request flow.
+mod helpers;
+
+mod harness;
+
+mod callback;
+mod config;
+mod csrf;
+mod login;
+mod logout;
+mod oidc_provider;
+mod proxy;
+mod redis_server;
+mod refresh;
+mod replicas;
+mod session;

@@ -1,0 +1,429 @@
+//! The reverse proxy: what reaches the API, what comes back, path escapes, upstream faults, and
+//! refreshing (once) before forwarding.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn proxy_forwards_method_path_query_and_body_unchanged() {
+    let app = spawn_app().await;
+    app.login().await;
+    let body = vec![b'x'; 100_000];
+    let resp = app
+        .client
+        .put(app.url("/api/items/42?x=1&y=a%20b&z=%2Fenc"))
+        .header("X-CSRF", "1")
+        .header("Content-Type", "application/octet-stream")
+        .body(body)
+        .send()
+        .await
+        .expect("PUT");
+    assert_eq!(resp.status(), 200);
+    let rec = app.api.last();
+    assert_eq!(rec.method, "PUT");
+    assert_eq!(rec.uri, "/api/items/42?x=1&y=a%20b&z=%2Fenc");
+    assert_eq!(rec.body_len, 100_000);
+    assert_eq!(rec.header("content-type"), Some("application/octet-stream"));
+}
+
+#[tokio::test]
+async fn strip_prefix_route_forwards_the_rest_of_the_path() {
+    let app = spawn_app().await;
+    app.login().await;
+    let resp = app.get_api("/stripped/items?q=1").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(app.api.last().uri, "/items?q=1");
+}
+
+#[tokio::test]
+async fn paths_outside_every_route_prefix_are_not_proxied() {
+    let app = spawn_app().await;
+    app.login().await;
+    let _ = app.get_api("/apix/secret").await;
+    let _ = app.get_api("/ap").await;
+    assert!(
+        app.api.requests().is_empty(),
+        "a path that only shares characters with /api was proxied"
+    );
+}
+
+#[tokio::test]
+async fn upstream_status_and_body_pass_through() {
+    let app = spawn_app().await;
+    app.login().await;
+    let resp = app.get_api("/api/status/418").await;
+    assert_eq!(resp.status(), 418);
+    let v: Value = resp.json().await.expect("echo JSON passes through");
+    assert_eq!(v["uri"], "/api/status/418");
+}
+
+#[tokio::test]
+async fn proxy_replaces_the_browser_authorization_with_the_access_token() {
+    let app = spawn_app().await;
+    app.login().await;
+    let resp = app
+        .client
+        .get(app.url("/api/me"))
+        .header("X-CSRF", "1")
+        .header("Authorization", "Basic YXR0YWNrZXI6cHc=")
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(resp.status(), 200);
+    let at = app.idp.last_access_token().expect("at");
+    let rec = app.api.last();
+    assert_eq!(
+        rec.header_all("authorization"),
+        vec![format!("Bearer {at}").as_str()]
+    );
+}
+
+#[tokio::test]
+async fn proxy_removes_tokengate_cookies_and_keeps_the_others() {
+    let app = spawn_app().await;
+    app.login().await;
+    app.add_browser_cookie("theme=dark; Path=/");
+    app.add_browser_cookie("tg_tx_leftover=zzz; Path=/");
+    app.add_browser_cookie("other=1; Path=/");
+    let resp = app.get_api("/api/cookies").await;
+    assert_eq!(resp.status(), 200);
+    let rec = app.api.last();
+    let forwarded: Vec<(String, String)> = rec
+        .header_all("cookie")
+        .iter()
+        .flat_map(|h| parse_cookie_header(h))
+        .collect();
+    let names: Vec<&str> = forwarded.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(
+        names.contains(&"theme") && names.contains(&"other"),
+        "the SPA's cookies were dropped: {names:?}"
+    );
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.starts_with("tg_") || n.starts_with("__Host-tg_")),
+        "tokengate cookies forwarded: {names:?}"
+    );
+    assert!(
+        forwarded.iter().any(|(n, v)| n == "theme" && v == "dark"),
+        "cookie value changed: {forwarded:?}"
+    );
+}
+
+#[tokio::test]
+async fn proxy_sends_no_cookie_header_of_ours_when_only_tokengate_cookies_exist() {
+    let app = spawn_app().await;
+    app.login().await;
+    assert_eq!(app.get_api("/api/x").await.status(), 200);
+    let rec = app.api.last();
+    for h in rec.header_all("cookie") {
+        assert!(!h.contains("tg_"), "tokengate cookie forwarded: {h}");
+    }
+}
+
+#[tokio::test]
+async fn proxy_strips_hop_by_hop_and_connection_listed_request_headers() {
+    let app = spawn_app().await;
+    app.login().await;
+    let resp = app
+        .client
+        .get(app.url("/api/hop"))
+        .header("X-CSRF", "1")
+        .header("Connection", "X-Secret-Hop")
+        .header("X-Secret-Hop", "private")
+        .header("Keep-Alive", "timeout=5")
+        .header("Proxy-Authorization", "Basic cHJveHk6cHc=")
+        .header("Proxy-Connection", "keep-alive")
+        .header("X-Custom-Ok", "kept")
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(resp.status(), 200);
+    let rec = app.api.last();
+    assert_eq!(
+        rec.header("x-secret-hop"),
+        None,
+        "Connection-listed header forwarded"
+    );
+    assert_eq!(rec.header("keep-alive"), None);
+    assert_eq!(rec.header("proxy-authorization"), None);
+    assert_eq!(rec.header("proxy-connection"), None);
+    for c in rec.header_all("connection") {
+        assert!(
+            !c.to_ascii_lowercase().contains("x-secret-hop"),
+            "Connection header forwarded: {c}"
+        );
+    }
+    assert_eq!(
+        rec.header("x-custom-ok"),
+        Some("kept"),
+        "an end-to-end header was dropped"
+    );
+}
+
+#[tokio::test]
+async fn proxy_strips_hop_by_hop_response_headers_and_upstream_cookies_with_our_names() {
+    let app = spawn_app().await;
+    app.login().await;
+    let resp = app.get_api("/api/hop-response").await;
+    assert_eq!(resp.status(), 200);
+    let h = resp.headers();
+    assert_eq!(
+        h.get("x-upstream-ok").and_then(|v| v.to_str().ok()),
+        Some("yes"),
+        "end-to-end response header dropped"
+    );
+    assert!(
+        h.get("x-upstream-private").is_none(),
+        "Connection-listed response header passed"
+    );
+    assert!(h.get("keep-alive").is_none(), "Keep-Alive passed");
+    assert!(
+        h.get("proxy-authenticate").is_none(),
+        "Proxy-Authenticate passed"
+    );
+    let cookies = set_cookies(&resp);
+    assert!(
+        !cookies.iter().any(|c| c.value == "from-upstream"),
+        "the API could overwrite tokengate's session cookie: {cookies:?}"
+    );
+    assert!(
+        cookies
+            .iter()
+            .any(|c| c.name == "app_pref" && c.value == "blue"),
+        "the API's own cookie was dropped: {cookies:?}"
+    );
+    // The browser's session survived.
+    assert_eq!(app.get_userinfo().await.status(), 200);
+}
+
+#[tokio::test]
+async fn proxy_sets_x_forwarded_headers_and_ignores_spoofed_ones() {
+    let app = spawn_app().await;
+    app.login().await;
+    let resp = app
+        .client
+        .get(app.url("/api/fwd"))
+        .header("X-CSRF", "1")
+        .header("X-Forwarded-For", "6.6.6.6")
+        .header("X-Forwarded-Host", "evil.example")
+        .header("X-Forwarded-Proto", "https")
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(resp.status(), 200);
+    let rec = app.api.last();
+    let xff = rec.header_all("x-forwarded-for").join(",");
+    let last_hop = xff.rsplit(',').map(str::trim).next().unwrap_or("");
+    assert_eq!(
+        last_hop, "127.0.0.1",
+        "X-Forwarded-For must end with the real peer: {xff:?}"
+    );
+    assert_eq!(
+        rec.header_all("x-forwarded-proto"),
+        vec!["http"],
+        "proto from an untrusted peer"
+    );
+    let public_host = app.public_url.trim_start_matches("http://");
+    assert_eq!(
+        rec.header_all("x-forwarded-host"),
+        vec![public_host],
+        "host from an untrusted peer"
+    );
+}
+
+#[tokio::test]
+async fn path_escape_attempts_are_400_and_never_reach_the_api() {
+    let app = spawn_app().await;
+    app.login().await;
+    let cookie = app.session_cookie_header();
+    let paths = [
+        "/api/../admin",
+        "/api/./../admin",
+        "/api/%2e%2e/admin",
+        "/api/%2E%2E/admin",
+        "/api/.%2e/admin",
+        "/api/%2e./admin",
+        "/api/a%2fb",
+        "/api/a%2Fb",
+        "/api/..%2fadmin",
+        "/api/a%5cb",
+        "/api/a%5Cb",
+        "/api/a\\b",
+        "/api/..\\admin",
+    ];
+    for path in paths {
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nX-CSRF: 1\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n",
+            app.addr
+        );
+        let (status, _) = raw_http(app.addr, &req).await;
+        assert_eq!(status, 400, "path {path:?}");
+    }
+    assert!(
+        app.api.requests().is_empty(),
+        "escaped paths reached the API: {:?}",
+        app.api
+            .requests()
+            .iter()
+            .map(|r| r.uri.clone())
+            .collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn proxy_without_a_session_is_401_and_the_api_is_not_called() {
+    let app = spawn_app().await;
+    let resp = app.get_api("/api/x").await;
+    assert_json_error(resp, 401).await;
+    assert!(app.api.requests().is_empty());
+}
+
+#[tokio::test]
+async fn upstream_down_is_502_json() {
+    let app = spawn_app().await;
+    app.login().await;
+    let resp = app.get_api("/downapi/x").await;
+    let v = assert_json_error(resp, 502).await;
+    let text = v.to_string();
+    let at = app.idp.last_access_token().expect("at");
+    assert!(!text.contains(&at), "token in the error body");
+}
+
+#[tokio::test]
+async fn slow_upstream_is_504_json() {
+    let app = spawn_app().await;
+    app.login().await;
+    let resp = app.get_api("/slowapi/slow").await;
+    assert_json_error(resp, 504).await;
+}
+
+/// Logs in with an access token already inside the refresh window, then makes new tokens long-lived.
+async fn login_with_nearly_expired_token(app: &TestApp) -> String {
+    app.idp.behave(|b| b.access_token_ttl = 5); // < refresh_skew_s (30)
+    app.login().await;
+    let stale = app.idp.last_access_token().expect("at");
+    app.idp.behave(|b| b.access_token_ttl = 3600);
+    stale
+}
+
+#[tokio::test]
+async fn nearly_expired_access_token_is_refreshed_before_proxying() {
+    let app = spawn_app().await;
+    let stale = login_with_nearly_expired_token(&app).await;
+    let resp = app.get_api("/api/data").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(app.idp.refresh_grants(), 1);
+    let fresh = app.idp.last_access_token().expect("at");
+    assert_ne!(fresh, stale);
+    assert_eq!(
+        app.api.last().header("authorization"),
+        Some(format!("Bearer {fresh}").as_str())
+    );
+    // The refreshed tokens were stored: the next call needs no refresh.
+    assert_eq!(app.get_api("/api/data").await.status(), 200);
+    assert_eq!(
+        app.idp.refresh_grants(),
+        1,
+        "the refreshed tokens were not kept in the session"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_with_an_expired_token_cause_exactly_one_refresh() {
+    let app = spawn_app().await;
+    login_with_nearly_expired_token(&app).await;
+    // A slow refresh keeps the first grant in flight while the others arrive.
+    app.idp
+        .behave(|b| b.refresh_delay = Duration::from_millis(500));
+    let cookie = app.session_cookie_header();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let client = app.raw_client.clone();
+        let url = app.url(&format!("/api/concurrent/{i}"));
+        let cookie = cookie.clone();
+        tasks.spawn(async move {
+            let resp = client
+                .get(url)
+                .header("X-CSRF", "1")
+                .header("Cookie", cookie)
+                .send()
+                .await
+                .expect("GET");
+            resp.status().as_u16()
+        });
+    }
+    let mut statuses = Vec::new();
+    while let Some(s) = tasks.join_next().await {
+        statuses.push(s.expect("task"));
+    }
+    assert!(statuses.iter().all(|s| *s == 200), "statuses: {statuses:?}");
+    assert_eq!(
+        app.idp.refresh_grants(),
+        1,
+        "one session must spend its refresh token once"
+    );
+    let fresh = app.idp.last_access_token().expect("at");
+    let auths: Vec<String> = app
+        .api
+        .requests()
+        .iter()
+        .map(|r| r.header("authorization").unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(auths.len(), 20);
+    assert!(
+        auths.iter().all(|a| *a == format!("Bearer {fresh}")),
+        "some requests used another token"
+    );
+}
+
+#[tokio::test]
+async fn refresh_refused_while_proxying_is_401_and_clears_the_session() {
+    let app = spawn_app().await;
+    login_with_nearly_expired_token(&app).await;
+    app.idp.behave(|b| b.refresh = RefreshMode::InvalidGrant);
+    let resp = app.get_api("/api/data").await;
+    assert_clears_session_cookie(&resp);
+    assert_json_error(resp, 401).await;
+    assert!(
+        app.api.requests().is_empty(),
+        "a stale token was forwarded after the refresh was refused"
+    );
+}
+
+#[tokio::test]
+async fn refreshed_session_cookie_is_sent_back_with_the_proxied_answer() {
+    let app = spawn_app().await;
+    login_with_nearly_expired_token(&app).await;
+    let resp = app.get_api("/api/data").await;
+    assert_eq!(resp.status(), 200);
+    if redis_store() {
+        // Server-side store: the cookie (a sealed id) stays; the new tokens are in Redis and were
+        // the ones forwarded.
+        assert_eq!(app.idp.refresh_grants(), 1);
+        let fresh = app
+            .idp
+            .last_access_token()
+            .expect("a refreshed access token");
+        assert_eq!(
+            app.api.last().header("authorization"),
+            Some(format!("Bearer {fresh}").as_str())
+        );
+        return;
+    }
+    let set = session_cookies_set(&resp);
+    assert!(
+        !set.is_empty(),
+        "the refreshed tokens were not written back to the cookie"
+    );
+    for c in set {
+        assert!(
+            c.http_only() && c.same_site().as_deref() == Some("strict"),
+            "{}",
+            c.raw
+        );
+    }
+}
