@@ -834,6 +834,14 @@ async fn echo(
     if path.contains("/slow") {
         tokio::time::sleep(Duration::from_secs(30)).await;
     }
+    if let Some(ms) = path
+        .split("/delay/")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .and_then(|ms| ms.parse::<u64>().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms.min(10_000))).await;
+    }
     let mut status = StatusCode::OK;
     if let Some(rest) = path.split("/status/").nth(1) {
         if let Ok(code) = rest.trim_end_matches('/').parse::<u16>() {
@@ -888,6 +896,12 @@ pub struct AppOptions {
     pub wait_ready: bool,
     /// Under the Redis store: use this Redis instead of a fresh one (replicas, restarts).
     pub redis_url: Option<String>,
+    /// Run the real binary (`tokengate --config F`) with its stderr captured, instead of
+    /// serving in-process.
+    pub binary: bool,
+    /// Extra TOML appended at the end of the config (e.g. `[server]` limits need their own
+    /// table: use `server_lines`).
+    pub server_lines: Vec<String>,
 }
 
 impl Default for AppOptions {
@@ -902,6 +916,8 @@ impl Default for AppOptions {
             issuer_override: None,
             wait_ready: true,
             redis_url: None,
+            binary: false,
+            server_lines: Vec::new(),
         }
     }
 }
@@ -944,6 +960,16 @@ impl AppOptions {
             .or(other.redis_url.clone());
         self
     }
+    /// Run the real binary, capturing its log (stderr).
+    pub fn binary(mut self) -> Self {
+        self.binary = true;
+        self
+    }
+    /// Extra TOML lines in the `[server]` table.
+    pub fn server(mut self, line: &str) -> Self {
+        self.server_lines.push(line.to_owned());
+        self
+    }
     pub fn no_wait(mut self) -> Self {
         self.wait_ready = false;
         self
@@ -969,6 +995,94 @@ pub struct TestApp {
     pub redis: Option<crate::redis_server::RedisServer>,
     /// The Redis URL in use (owned or shared).
     pub redis_url: Option<String>,
+    /// The binary, when started with `AppOptions::binary`.
+    pub process: Option<BinaryProcess>,
+}
+
+/// The real `tokengate` binary, its stderr collected; killed when dropped.
+pub struct BinaryProcess {
+    child: std::process::Child,
+    pub logs: Arc<std::sync::Mutex<String>>,
+    _config: tempfile_path::TempPath,
+}
+
+mod tempfile_path {
+    /// A file removed when dropped.
+    pub struct TempPath(pub std::path::PathBuf);
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+impl BinaryProcess {
+    fn start(config_toml: &str) -> BinaryProcess {
+        use std::io::BufRead;
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let path =
+            std::env::temp_dir().join(format!("tokengate-test-{}-{n}.toml", std::process::id()));
+        // Debug level for tokengate itself: the log test must see everything it could write.
+        let text = format!("{config_toml}\n[log]\nlevel = \"tokengate=debug,info\"\n");
+        std::fs::write(&path, text).expect("write config");
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tokengate"))
+            .arg("--config")
+            .arg(&path)
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the tokengate binary");
+        let logs = Arc::new(std::sync::Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = Arc::clone(&logs);
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Ok(mut l) = sink.lock() {
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            }
+        });
+        BinaryProcess {
+            child,
+            logs,
+            _config: tempfile_path::TempPath(path),
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits (bounded) for the process to exit; returns its exit code.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            if tokio::time::Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for BinaryProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Which session store the suite runs against: `TOKENGATE_TEST_STORE=redis` runs every test of
@@ -1075,6 +1189,7 @@ pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
 listen = "{addr}"
 public_url = "{public_url}"
 static_dir = "{static_dir}"
+{server_lines}
 
 [oauth]
 issuer = "{issuer}"
@@ -1109,19 +1224,26 @@ upstream = "{dead}"
         static_dir = static_dir().display(),
         oauth_lines = opts.oauth_lines.join("\n"),
         session_lines = opts.session_lines.join("\n"),
+        server_lines = opts.server_lines.join("\n"),
         api_url = api.url(),
     );
     let config = tokengate::config::Config::load(&config_toml, Vec::<(String, String)>::new())
         .unwrap_or_else(|e| panic!("test config rejected: {e}\n---\n{config_toml}"));
     let (tx, rx) = oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = rx.await;
-        };
-        if let Err(e) = tokengate::serve(listener, config, shutdown).await {
-            eprintln!("tokengate::serve returned an error: {e:#}");
-        }
-    });
+    let mut process = None;
+    if opts.binary {
+        drop(listener);
+        process = Some(BinaryProcess::start(&config_toml));
+    } else {
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = rx.await;
+            };
+            if let Err(e) = tokengate::serve(listener, config, shutdown).await {
+                eprintln!("tokengate::serve returned an error: {e:#}");
+            }
+        });
+    }
     let jar = Arc::new(Jar::default());
     let app = TestApp {
         addr,
@@ -1140,6 +1262,7 @@ upstream = "{dead}"
         shutdown: Some(tx),
         redis,
         redis_url,
+        process,
     };
     if opts.wait_ready {
         app.wait_ready().await;

@@ -10,6 +10,7 @@ mod csrf;
 mod login;
 mod logout;
 mod oidc_provider;
+mod operations;
 mod proxy;
 mod redis_server;
 mod refresh;

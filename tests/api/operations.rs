@@ -1,0 +1,309 @@
+//! Operating tokengate: the real binary's logs never carry a secret, SIGTERM drains in-flight
+//! requests and exits 0, limits answer with the right status and a JSON body, metrics and
+//! readiness report what operators need.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::helpers::*;
+
+/// Reads until EOF or `within`; returns what arrived and whether the peer closed.
+async fn read_until_close(s: &mut TcpStream, within: Duration) -> (String, bool) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, s.read(&mut chunk)).await {
+            Ok(Ok(0)) => return (String::from_utf8_lossy(&buf).into_owned(), true),
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Err(_)) => return (String::from_utf8_lossy(&buf).into_owned(), true),
+            Err(_) => return (String::from_utf8_lossy(&buf).into_owned(), false),
+        }
+    }
+}
+
+#[tokio::test]
+async fn logs_of_a_full_login_refresh_logout_never_contain_a_secret() {
+    let app = spawn_app_with(AppOptions::default().binary()).await;
+    let pending = app.start_login(Some("/after?x=1")).await;
+    let callback = app.finish_login(&pending).await;
+    assert_eq!(callback.status(), 302);
+    let mut cookies: Vec<String> = app.cookies().into_iter().map(|(_, v)| v).collect();
+    assert_eq!(app.get_api("/api/one").await.status(), 200);
+    assert_eq!(app.post_refresh().await.status(), 200);
+    cookies.extend(app.cookies().into_iter().map(|(_, v)| v));
+    assert_eq!(app.get_userinfo().await.status(), 200);
+    assert_eq!(
+        app.get_api("/api/two?token=query-secret-xyz")
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(app.post_logout().await.status(), 200);
+    // A failing login too: errors are where secrets tend to leak.
+    let bad = app.start_login(None).await;
+    let r = app
+        .callback(&[("code", "leaky-code-123456"), ("state", &bad.state)])
+        .await;
+    assert!(r.status().is_client_error() || r.status().is_server_error());
+
+    let mut secrets: Vec<String> = app.idp.all_issued_secrets();
+    for req in app.idp.token_requests() {
+        for name in ["code", "code_verifier", "refresh_token"] {
+            if let Some(v) = req.get(name) {
+                secrets.push(v.to_owned());
+            }
+        }
+    }
+    secrets.extend(cookies);
+    secrets.push(CLIENT_SECRET.to_owned());
+    secrets.push(session_key(7));
+    secrets.push(pending.state.clone());
+    secrets.push("leaky-code-123456".to_owned());
+    secrets.push("query-secret-xyz".to_owned());
+    secrets.retain(|s| s.len() >= 8);
+    assert!(
+        secrets.len() >= 10,
+        "the run produced secrets to look for: {secrets:?}"
+    );
+
+    // Give the log writer a moment to catch up with the last request line (bounded).
+    let process = app.process.as_ref().expect("binary");
+    let mut logs = String::new();
+    for _ in 0..50 {
+        logs = process.logs();
+        if logs.contains("/logout") && logs.contains("/oauth-callback") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        logs.contains("/oauth-callback") && logs.contains("request_id"),
+        "the log has request lines to search:\n{logs}"
+    );
+    for s in &secrets {
+        assert!(
+            !logs.contains(s.as_str()),
+            "a secret appears in the log: {s}\n{logs}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sigterm_lets_in_flight_requests_finish_then_exits_0() {
+    let mut app = spawn_app_with(AppOptions::default().binary()).await;
+    app.login().await;
+    let slow = {
+        let req = app
+            .client
+            .get(app.url("/api/delay/1500"))
+            .header("X-CSRF", "1")
+            .send();
+        tokio::spawn(req)
+    };
+    // Wait until the request is in flight at the API.
+    for _ in 0..100 {
+        if app.api.requests().iter().any(|r| r.uri.contains("/delay/")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let process = app.process.as_mut().expect("binary");
+    let status = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(process.pid().to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let resp = slow
+        .await
+        .expect("task")
+        .expect("the in-flight request was answered");
+    assert_eq!(resp.status(), 200, "the in-flight request completed");
+    let code = process.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0), "exit code after SIGTERM");
+    assert!(
+        TcpStream::connect(app.addr).await.is_err(),
+        "no longer accepting connections"
+    );
+}
+
+#[tokio::test]
+async fn oversized_headers_are_431_json() {
+    let app = spawn_app_with(AppOptions::default().server("max_header_bytes = 8192")).await;
+    let resp = app
+        .raw_client
+        .get(app.url("/userinfo"))
+        .header("X-Big", "a".repeat(9000))
+        .send()
+        .await
+        .expect("GET");
+    assert_json_error(resp, 431).await;
+}
+
+#[tokio::test]
+async fn too_many_connections_are_503_json() {
+    let app = spawn_app_with(AppOptions::default().server("max_connections = 1")).await;
+    // The only permitted connection, held open.
+    let _held = TcpStream::connect(app.addr).await.expect("connect");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut second = TcpStream::connect(app.addr).await.expect("connect");
+    second
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let (answer, closed) = read_until_close(&mut second, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer.contains("\"error\":\"temporarily_unavailable\""),
+        "{answer}"
+    );
+    assert!(closed, "the refused connection is closed");
+}
+
+#[tokio::test]
+async fn slow_headers_are_cut_off_after_the_header_read_timeout() {
+    let app = spawn_app_with(AppOptions::default().server("header_read_timeout_s = 1")).await;
+    let mut s = TcpStream::connect(app.addr).await.expect("connect");
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .expect("write");
+    let (_, closed) = read_until_close(&mut s, Duration::from_secs(10)).await;
+    assert!(closed, "a slowloris connection is closed by the server");
+}
+
+#[tokio::test]
+async fn api_bodies_over_the_limit_are_413_json() {
+    let app = spawn_app_with(AppOptions::default().server("max_body_bytes = 16")).await;
+    app.login().await;
+    let resp = app
+        .client
+        .post(app.url("/api/upload"))
+        .header("X-CSRF", "1")
+        .body(vec![b'x'; 100])
+        .send()
+        .await
+        .expect("POST");
+    assert_json_error(resp, 413).await;
+    let small = app
+        .client
+        .post(app.url("/api/upload"))
+        .header("X-CSRF", "1")
+        .body(vec![b'x'; 10])
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(small.status(), 200);
+}
+
+#[tokio::test]
+async fn metrics_count_requests_logins_refreshes_and_idp_calls() {
+    let app = spawn_app().await;
+    app.login().await;
+    assert_eq!(app.get_api("/api/m").await.status(), 200);
+    assert_eq!(app.post_refresh().await.status(), 200);
+    let resp = app
+        .raw_client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.expect("text");
+    for needle in [
+        r#"tokengate_http_requests_total{route="/api",method="GET",status="2xx"} 1"#,
+        r#"tokengate_logins_total{outcome="started",reason=""} 1"#,
+        r#"tokengate_logins_total{outcome="completed",reason=""} 1"#,
+        r#"tokengate_token_refreshes_total{outcome="ok"} 1"#,
+        r#"tokengate_idp_request_duration_seconds_count{endpoint="token",outcome="ok"} 2"#,
+        r#"tokengate_session_store_duration_seconds_count{op="load"}"#,
+        "tokengate_pending_logins 0",
+        "tokengate_http_request_duration_seconds_bucket",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in:\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn metrics_can_live_on_their_own_listener() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let app = spawn_app_with(
+        AppOptions::default().server(&format!("metrics_listen = \"127.0.0.1:{port}\"")),
+    )
+    .await;
+    let main = app
+        .raw_client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(main.status(), 404, "not on the main listener");
+    let own = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .expect("GET");
+    assert_eq!(own.status(), 200);
+    assert!(own
+        .text()
+        .await
+        .expect("text")
+        .contains("tokengate_http_requests_total"));
+}
+
+#[tokio::test]
+async fn readyz_names_each_check_and_is_503_until_the_idp_is_loaded() {
+    let dead = dead_port_url().await;
+    let app = spawn_app_with(AppOptions::default().issuer(&dead).no_wait()).await;
+    let resp = app
+        .raw_client
+        .get(app.url("/readyz"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(resp.status(), 503);
+    let v: Value = resp.json().await.expect("json");
+    assert_eq!(v["checks"]["idp_metadata"], false);
+    assert_eq!(v["checks"]["idp_jwks"], false);
+    assert_eq!(v["checks"]["session_store"], true);
+    let health = app
+        .raw_client
+        .get(app.url("/healthz"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(health.status(), 200, "alive even when not ready");
+}
+
+#[tokio::test]
+async fn request_ids_are_accepted_or_generated_and_echoed() {
+    let app = spawn_app().await;
+    let given = app
+        .raw_client
+        .get(app.url("/healthz"))
+        .header("X-Request-Id", "abc-123")
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(given.headers()["x-request-id"], "abc-123");
+    let made = app
+        .raw_client
+        .get(app.url("/healthz"))
+        .header("X-Request-Id", "bad id\twith tab")
+        .send()
+        .await
+        .expect("GET");
+    let id = made.headers()["x-request-id"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    assert!(
+        id.len() >= 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{id}"
+    );
+}
