@@ -230,9 +230,12 @@ pub struct FakeIdp(pub Arc<IdpInner>);
 
 impl FakeIdp {
     pub async fn start() -> FakeIdp {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind fake idp");
+        FakeIdp::start_at("127.0.0.1:0").await
+    }
+
+    /// Starts on a given address (e.g. one tokengate was told about before the IdP was up).
+    pub async fn start_at(addr: &str) -> FakeIdp {
+        let listener = TcpListener::bind(addr).await.expect("bind fake idp");
         let addr = listener.local_addr().expect("fake idp addr");
         let inner = Arc::new(IdpInner {
             base_url: format!("http://{addr}"),

@@ -307,3 +307,52 @@ async fn request_ids_are_accepted_or_generated_and_echoed() {
         "{id}"
     );
 }
+
+#[tokio::test]
+async fn idp_down_at_start_login_is_503_json_then_service_resumes_when_it_comes_up() {
+    // Reserve an address, start tokengate against it while nothing listens there.
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let issuer = format!("http://{addr}");
+    let app = spawn_app_with(AppOptions::default().issuer(&issuer).no_wait()).await;
+    let resp = app
+        .raw_client
+        .get(app.url("/login"))
+        .send()
+        .await
+        .expect("GET");
+    let v = assert_json_error(resp, 503).await;
+    assert_eq!(v["error"], "temporarily_unavailable");
+
+    // The IdP comes up; tokengate's retry loop (bounded backoff) loads its metadata by itself.
+    let idp = FakeIdp::start_at(&addr.to_string()).await;
+    let mut ready = false;
+    for _ in 0..150 {
+        let status = app
+            .raw_client
+            .get(app.url("/readyz"))
+            .send()
+            .await
+            .map(|r| r.status().as_u16());
+        if matches!(status, Ok(200)) {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "tokengate became ready once the IdP was reachable");
+    let resp = app
+        .raw_client
+        .get(app.url("/login"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(resp.status(), 302);
+    let location = resp.headers()["location"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    assert!(location.starts_with(idp.issuer()), "{location}");
+}
