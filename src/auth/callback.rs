@@ -54,7 +54,7 @@ async fn complete_login(
     uri: &http::Uri,
 ) -> Result<(Response, &'static str), ApiError> {
     let params = QueryParams::parse(uri.query(), SECURITY_PARAMS)?;
-    let tx = take_transaction(state, cookies, params.get("state"))?;
+    let tx = take_transaction(state, cookies, params.get("state")).await?;
     let md = state
         .idp
         .metadata()
@@ -157,7 +157,7 @@ async fn complete_login(
 }
 
 /// Finds, opens and consumes the transaction named by `state`. Every outcome clears the cookie.
-fn take_transaction(
+async fn take_transaction(
     state: &AppState,
     cookies: &Cookies,
     param: Option<&str>,
@@ -186,12 +186,21 @@ fn take_transaction(
     if now.saturating_sub(tx.created_at) >= ttl {
         return Err(unknown());
     }
-    // A copy of the transaction cookie replayed with the same state is refused too.
-    if !state
-        .logins
-        .first_use(s, tx.created_at.saturating_add(ttl), now)
-    {
+    // A copy of the transaction cookie replayed with the same state is refused too: in this
+    // process's ledger, and with Redis across every replica (failing closed when Redis is down).
+    let until = tx.created_at.saturating_add(ttl);
+    if !state.logins.first_use(s, until, now) {
         return Err(unknown());
+    }
+    if let Some(redis) = state.store.redis_store() {
+        let left = std::time::Duration::from_secs(until.saturating_sub(now).max(1));
+        if !redis
+            .first_state_use(s, left)
+            .await
+            .map_err(crate::session::extract::store_error)?
+        {
+            return Err(unknown());
+        }
     }
     Ok(tx)
 }

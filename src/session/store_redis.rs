@@ -5,7 +5,8 @@
 //!   key name as associated data); TTL = idle timeout, capped by the absolute deadline;
 //! - `tg:{sid}:lease` — the refresh lease (`SET NX PX`, owner token, compare-and-delete release);
 //! - `tg:sub:<sub>`, `tg:isid:<idp sid>` — sets of session ids for back-channel logout;
-//! - `tg:jti:<jti>` — logout-token ids already used (replay protection).
+//! - `tg:jti:<jti>` — logout-token ids already used (replay protection);
+//! - `tg:state:<sha256(state)>` — login states already consumed (single use across replicas).
 //!
 //! Every call has a timeout; an unreachable Redis gives `StoreError::Unavailable` (503), never a
 //! hang or a panic, and the connection manager reconnects by itself.
@@ -314,6 +315,26 @@ impl RedisStore {
                     .arg("NX")
                     .arg("EX")
                     .arg(ttl.as_secs().max(1)),
+            )
+            .await?;
+        Ok(r.is_some())
+    }
+
+    /// Records a login `state` as consumed (hashed); false if another replica consumed it first.
+    pub async fn first_state_use(&self, state: &str, ttl: Duration) -> Result<bool, StoreError> {
+        use sha2::{Digest, Sha256};
+        let h: String = Sha256::digest(state.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let r: Option<String> = self
+            .query(
+                redis::cmd("SET")
+                    .arg(format!("tg:state:{h}"))
+                    .arg(1)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl.as_millis() as u64),
             )
             .await?;
         Ok(r.is_some())

@@ -963,6 +963,11 @@ impl AppOptions {
             .or(other.redis_url.clone());
         self
     }
+    /// Use the Redis store on this Redis, whatever store the suite runs on.
+    pub fn redis(mut self, redis: &crate::redis_server::RedisServer) -> Self {
+        self.redis_url = Some(redis.url());
+        self
+    }
     /// Run the real binary, capturing its log (stderr).
     pub fn binary(mut self) -> Self {
         self.binary = true;
@@ -1183,7 +1188,9 @@ pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
         .clone()
         .or_else(|| redis.as_ref().map(|r| r.url()));
     let store_lines = match &redis_url {
-        Some(u) if redis_store() => format!("store = \"redis\"\nredis_url = \"{u}\""),
+        Some(u) if redis_store() || opts.redis_url.is_some() => {
+            format!("store = \"redis\"\nredis_url = \"{u}\"")
+        }
         _ => "store = \"cookie\"".to_string(),
     };
     let config_toml = format!(

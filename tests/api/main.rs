@@ -3,6 +3,8 @@
 mod helpers;
 
 mod harness;
+mod hostile_1_50;
+mod hostile_51_100;
 
 mod callback;
 mod config;
@@ -16,3 +18,4 @@ mod redis_server;
 mod refresh;
 mod replicas;
 mod session;
+mod store_redis;
