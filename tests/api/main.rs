@@ -3,8 +3,6 @@
 mod helpers;
 
 mod harness;
-mod hostile_1_50;
-mod hostile_51_100;
 
 mod callback;
 mod config;
