@@ -33,23 +33,18 @@ impl AppState {
         let sealer = Sealer::new(&config.session.keys);
         let rules = crate::session::cookie::CookieRules::new(config.server.is_https());
         let s = &config.session;
-        let store = match &s.store {
-            StoreKind::Cookie => SessionStore::cookie(
-                sealer.clone(),
-                rules,
-                s.idle_timeout,
-                s.absolute_timeout,
-                Arc::clone(&metrics),
-            ),
-            StoreKind::Redis(url) => SessionStore::redis(
-                RedisStore::new(url, sealer.clone())?,
-                sealer.clone(),
-                rules,
-                s.idle_timeout,
-                s.absolute_timeout,
-                Arc::clone(&metrics),
-            ),
+        let redis = match &s.store {
+            StoreKind::Cookie => None,
+            StoreKind::Redis(url) => Some(RedisStore::new(url, sealer.clone())?),
         };
+        let store = SessionStore::new(
+            redis,
+            sealer.clone(),
+            rules,
+            s.idle_timeout,
+            s.absolute_timeout,
+            Arc::clone(&metrics),
+        );
         let idp = Idp::new(config.oauth.clone(), Arc::clone(&metrics))?;
         let upstreams = Arc::new(Upstreams::new(&config.routes)?);
         Ok(Self {

@@ -168,6 +168,19 @@ impl Idp {
         Ok((data.header, claims))
     }
 
+    /// OIDC Core §3.1.3.7 items 4–5: several audiences need an `azp`, and any `azp` must be us.
+    fn check_azp(&self, claims: &Map<String, Value>) -> Result<(), IdTokenError> {
+        let several_aud = claims
+            .get("aud")
+            .and_then(Value::as_array)
+            .is_some_and(|a| a.len() > 1);
+        match claims.get("azp") {
+            Some(Value::String(azp)) if azp == &self.config.client_id => Ok(()),
+            None if !several_aud => Ok(()),
+            _ => Err(IdTokenError::AuthorizedParty),
+        }
+    }
+
     /// Validates an ID token. `nonce` is the value sent at /login (required when `Some`).
     /// `max_age` bounds how old `iat` may be.
     pub async fn validate_id_token(
@@ -180,16 +193,7 @@ impl Idp {
             .verify_jwt(token, &["exp", "iat", "iss", "aud", "sub"], max_age)
             .await?;
 
-        // §3.1.3.7 items 4–5: several audiences need an azp, and any azp must be us.
-        let several_aud = claims
-            .get("aud")
-            .and_then(Value::as_array)
-            .is_some_and(|a| a.len() > 1);
-        match claims.get("azp") {
-            Some(Value::String(azp)) if azp == &self.config.client_id => {}
-            None if !several_aud => {}
-            _ => return Err(IdTokenError::AuthorizedParty),
-        }
+        self.check_azp(&claims)?;
 
         if let Some(expected) = nonce {
             let got = claims.get("nonce").and_then(Value::as_str).unwrap_or("");
@@ -260,15 +264,7 @@ impl Idp {
                 "missing the back-channel logout event".into(),
             ));
         }
-        let several_aud = claims
-            .get("aud")
-            .and_then(Value::as_array)
-            .is_some_and(|a| a.len() > 1);
-        match claims.get("azp") {
-            Some(Value::String(azp)) if azp == &self.config.client_id => {}
-            None if !several_aud => {}
-            _ => return Err(IdTokenError::AuthorizedParty),
-        }
+        self.check_azp(&claims)?;
         let text = |k: &str| {
             claims
                 .get(k)

@@ -60,7 +60,9 @@ pub struct SessionStore {
 }
 
 impl SessionStore {
-    pub fn cookie(
+    /// `redis`: `None` for the cookie store.
+    pub fn new(
+        redis: Option<Arc<RedisStore>>,
         sealer: Sealer,
         rules: CookieRules,
         idle: Duration,
@@ -68,25 +70,7 @@ impl SessionStore {
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
-            backend: Backend::Cookie,
-            sealer,
-            rules,
-            absolute,
-            idle,
-            metrics,
-        }
-    }
-
-    pub fn redis(
-        redis: Arc<RedisStore>,
-        sealer: Sealer,
-        rules: CookieRules,
-        idle: Duration,
-        absolute: Duration,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        Self {
-            backend: Backend::Redis(redis),
+            backend: redis.map_or(Backend::Cookie, Backend::Redis),
             sealer,
             rules,
             absolute,

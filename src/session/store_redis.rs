@@ -82,6 +82,16 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// Every Redis call is bounded by [`CALL_TIMEOUT`]: a slow Redis is an error, never a hang.
+async fn bounded<T>(
+    call: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(CALL_TIMEOUT, call)
+        .await
+        .map_err(|_| unavailable("call timed out"))?
+        .map_err(unavailable)
+}
+
 fn session_key(sid: &str) -> String {
     format!("tg:{{{sid}}}:s")
 }
@@ -160,16 +170,13 @@ impl RedisStore {
 
     async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
         let conn = self.conn().await?;
-        let fut = async {
+        bounded(async {
             match conn {
                 Conn::Single(mut c) => cmd.query_async::<T>(&mut c).await,
                 Conn::Cluster(mut c) => cmd.query_async::<T>(&mut c).await,
             }
-        };
-        tokio::time::timeout(CALL_TIMEOUT, fut)
-            .await
-            .map_err(|_| unavailable("call timed out"))?
-            .map_err(unavailable)
+        })
+        .await
     }
 
     async fn invoke<T: FromRedisValue>(
@@ -177,16 +184,13 @@ impl RedisStore {
         inv: redis::ScriptInvocation<'_>,
     ) -> Result<T, StoreError> {
         let conn = self.conn().await?;
-        let fut = async {
+        bounded(async {
             match conn {
                 Conn::Single(mut c) => inv.invoke_async::<T>(&mut c).await,
                 Conn::Cluster(mut c) => inv.invoke_async::<T>(&mut c).await,
             }
-        };
-        tokio::time::timeout(CALL_TIMEOUT, fut)
-            .await
-            .map_err(|_| unavailable("call timed out"))?
-            .map_err(unavailable)
+        })
+        .await
     }
 
     pub async fn ping(&self) -> bool {
