@@ -106,6 +106,9 @@ struct RawOAuth {
     userinfo_endpoint: Option<String>,
     revocation_endpoint: Option<String>,
     end_session_endpoint: Option<String>,
+    private_key_file: Option<String>,
+    private_key_kid: Option<String>,
+    par: String,
     refresh_skew_s: u64,
     clock_skew_s: u64,
     http_timeout_s: u64,
@@ -131,6 +134,9 @@ impl Default for RawOAuth {
             userinfo_endpoint: None,
             revocation_endpoint: None,
             end_session_endpoint: None,
+            private_key_file: None,
+            private_key_kid: None,
+            par: "auto".into(),
             refresh_skew_s: 30,
             clock_skew_s: 60,
             http_timeout_s: 10,
@@ -249,7 +255,56 @@ impl fmt::Debug for Secret {
 pub enum ClientAuth {
     ClientSecretBasic,
     ClientSecretPost,
+    /// RFC 7523 §2.2: a JWT signed with `oauth.private_key_file`.
+    PrivateKeyJwt,
     None,
+}
+
+/// Pushed Authorization Requests (RFC 9126).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Par {
+    /// Used when the IdP advertises a PAR endpoint.
+    Auto,
+    /// Always; login fails if the IdP has no PAR endpoint.
+    Required,
+    /// Never (unless the IdP requires it).
+    Off,
+}
+
+/// The client's private key for `private_key_jwt`; `Debug` never prints it.
+#[derive(Clone)]
+pub struct ClientKey {
+    pub key: jsonwebtoken::EncodingKey,
+    pub alg: jsonwebtoken::Algorithm,
+    pub kid: Option<String>,
+}
+
+impl fmt::Debug for ClientKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "ClientKey({:?}, kid {:?}, [redacted])",
+            self.alg, self.kid
+        )
+    }
+}
+
+/// Reads a PEM private key: RSA (RS256), EC P-256 (ES256) or Ed25519 (EdDSA).
+fn load_client_key(path: &str, kid: Option<String>) -> Result<ClientKey, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read `{path}`: {e}"))?;
+    use jsonwebtoken::{Algorithm, EncodingKey};
+    let (key, alg) = if let Ok(k) = EncodingKey::from_rsa_pem(&pem) {
+        (k, Algorithm::RS256)
+    } else if let Ok(k) = EncodingKey::from_ec_pem(&pem) {
+        (k, Algorithm::ES256)
+    } else if let Ok(k) = EncodingKey::from_ed_pem(&pem) {
+        (k, Algorithm::EdDSA)
+    } else {
+        return Err(format!(
+            "`{path}` is not a PEM RSA, EC P-256 or Ed25519 private key"
+        ));
+    };
+    Ok(ClientKey { key, alg, kid })
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -331,6 +386,8 @@ pub struct OAuthConfig {
     pub redirect_uri: Url,
     pub redirect_path: String,
     pub client_auth: ClientAuth,
+    pub client_key: Option<ClientKey>,
+    pub par: Par,
     pub extra_authorize_params: BTreeMap<String, String>,
     pub post_logout_redirect_uri: String,
     pub endpoints: ExplicitEndpoints,
@@ -797,13 +854,10 @@ fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
         "client_secret_basic" => Some(ClientAuth::ClientSecretBasic),
         "client_secret_post" => Some(ClientAuth::ClientSecretPost),
         "none" => Some(ClientAuth::None),
-        "private_key_jwt" => {
-            problems.push("oauth.client_auth: `private_key_jwt` is not supported by this version yet; use client_secret_basic, client_secret_post or none".into());
-            None
-        }
+        "private_key_jwt" => Some(ClientAuth::PrivateKeyJwt),
         other => {
             problems.push(format!(
-                "oauth.client_auth: `{other}` is not one of client_secret_basic, client_secret_post, none"
+                "oauth.client_auth: `{other}` is not one of client_secret_basic, client_secret_post, private_key_jwt, none"
             ));
             None
         }
@@ -818,6 +872,33 @@ fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
             o.client_auth
         ));
     }
+    let client_key = match (&client_auth, &o.private_key_file) {
+        (Some(ClientAuth::PrivateKeyJwt), Some(path)) => {
+            match load_client_key(path, o.private_key_kid.clone()) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    problems.push(format!("oauth.private_key_file: {e}"));
+                    None
+                }
+            }
+        }
+        (Some(ClientAuth::PrivateKeyJwt), None) => {
+            problems.push("oauth.private_key_file: missing, but oauth.client_auth = \"private_key_jwt\" needs it".into());
+            None
+        }
+        _ => None,
+    };
+    let par = match o.par.as_str() {
+        "auto" => Par::Auto,
+        "required" => Par::Required,
+        "off" => Par::Off,
+        other => {
+            problems.push(format!(
+                "oauth.par: `{other}` is not one of auto, required, off"
+            ));
+            Par::Auto
+        }
+    };
     if o.scopes.is_empty() {
         problems.push("oauth.scopes: must not be empty".into());
     }
@@ -1083,6 +1164,8 @@ fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
             redirect_uri: redirect_uri?,
             redirect_path: raw.oauth.redirect_path.clone(),
             client_auth: client_auth?,
+            client_key,
+            par,
             extra_authorize_params: raw.oauth.extra_authorize_params.clone(),
             post_logout_redirect_uri,
             endpoints,
@@ -1204,6 +1287,28 @@ upstream = "http://127.0.0.1:1"
         ] {
             assert!(msg.contains(needle), "missing {needle} in:\n{msg}");
         }
+    }
+
+    #[test]
+    fn private_key_jwt_and_par_settings_are_checked() {
+        let text = r#"
+[oauth]
+issuer = "http://127.0.0.1:9000"
+client_id = "tg"
+client_auth = "private_key_jwt"
+par = "sometimes"
+"#;
+        let msg = Config::load(text, vec![]).expect_err("invalid").to_string();
+        assert!(msg.contains("oauth.private_key_file: missing"), "{msg}");
+        assert!(msg.contains("oauth.par: `sometimes`"), "{msg}");
+        let bad_file = text.replace(
+            "par = \"sometimes\"",
+            "private_key_file = \"/nonexistent.pem\"",
+        );
+        let msg = Config::load(&bad_file, vec![])
+            .expect_err("invalid")
+            .to_string();
+        assert!(msg.contains("cannot read `/nonexistent.pem`"), "{msg}");
     }
 
     #[test]

@@ -12,7 +12,9 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use tower_cookies::Cookies;
 
+use crate::config::Par;
 use crate::error::ApiError;
+use crate::idp::IdpError;
 use crate::session::tokens::now_s;
 use crate::state::AppState;
 
@@ -79,26 +81,54 @@ pub async fn login(
     );
     state.metrics.login("started", "");
 
-    let mut url = md.authorization_endpoint.clone();
-    {
-        let mut q = url.query_pairs_mut();
-        q.append_pair("response_type", "code")
-            .append_pair("client_id", &cfg.client_id)
-            .append_pair("redirect_uri", cfg.redirect_uri.as_str())
-            .append_pair("scope", &cfg.scopes.join(" "))
-            .append_pair("state", &tx_state)
-            .append_pair("code_challenge", challenge.as_str())
-            .append_pair("code_challenge_method", "S256");
-        if let Some(n) = &nonce {
-            q.append_pair("nonce", n);
-        }
-        for r in &cfg.resources {
-            q.append_pair("resource", r);
-        }
-        for (k, v) in &cfg.extra_authorize_params {
-            q.append_pair(k, v);
-        }
+    let mut params: Vec<(String, String)> = vec![
+        ("response_type".into(), "code".into()),
+        ("client_id".into(), cfg.client_id.clone()),
+        ("redirect_uri".into(), cfg.redirect_uri.to_string()),
+        ("scope".into(), cfg.scopes.join(" ")),
+        ("state".into(), tx_state.clone()),
+        ("code_challenge".into(), challenge.as_str().to_string()),
+        ("code_challenge_method".into(), "S256".into()),
+    ];
+    if let Some(n) = &nonce {
+        params.push(("nonce".into(), n.clone()));
     }
+    for r in &cfg.resources {
+        params.push(("resource".into(), r.clone()));
+    }
+    for (k, v) in &cfg.extra_authorize_params {
+        params.push((k.clone(), v.clone()));
+    }
+    let use_par = md.par_required
+        || match cfg.par {
+            Par::Required => true,
+            Par::Auto => md.par_endpoint.is_some(),
+            Par::Off => false,
+        };
+    if use_par {
+        // RFC 9126 §4: the browser carries only client_id and the pushed request's handle.
+        let request_uri = state
+            .idp
+            .push_authorization_request(&params)
+            .await
+            .map_err(|e| match e {
+                IdpError::Unsupported(_) => ApiError::bad_gateway(
+                    "oauth.par = \"required\" but the identity provider has no PAR endpoint",
+                )
+                .with_cause(e),
+                IdpError::OAuth { .. } => {
+                    ApiError::bad_gateway("the identity provider refused the pushed request")
+                        .with_cause(e)
+                }
+                other => super::callback::idp_failure(other),
+            })?;
+        params = vec![
+            ("client_id".into(), cfg.client_id.clone()),
+            ("request_uri".into(), request_uri),
+        ];
+    }
+    let mut url = md.authorization_endpoint.clone();
+    url.query_pairs_mut().extend_pairs(params.iter());
     let location = HeaderValue::from_str(url.as_str()).map_err(ApiError::internal)?;
     Ok((
         StatusCode::FOUND,

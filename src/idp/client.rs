@@ -82,12 +82,19 @@ impl Idp {
     }
 
     /// A POST to `endpoint` with client authentication added as configured.
-    fn authenticated_post(
+    fn authenticated_post<K: From<&'static str> + AsRef<str> + serde::Serialize>(
         &self,
         endpoint: &url::Url,
-        mut form: Vec<(&'static str, String)>,
+        mut form: Vec<(K, String)>,
     ) -> reqwest::RequestBuilder {
         let cfg = &self.config;
+        // Requests that carry client_id themselves (PAR) must not get a second one.
+        if form.iter().any(|(k, _)| k.as_ref() == "client_id") {
+            form.retain(|(k, _)| k.as_ref() != "client_id");
+            if cfg.client_auth == ClientAuth::ClientSecretBasic {
+                form.push(("client_id".into(), cfg.client_id.clone()));
+            }
+        }
         let mut req = self
             .http()
             .post(endpoint.clone())
@@ -102,14 +109,43 @@ impl Idp {
                 req = req.basic_auth(form_encode(&cfg.client_id), Some(secret));
             }
             ClientAuth::ClientSecretPost => {
-                form.push(("client_id", cfg.client_id.clone()));
+                form.push(("client_id".into(), cfg.client_id.clone()));
                 if let Some(s) = &cfg.client_secret {
-                    form.push(("client_secret", s.expose().to_string()));
+                    form.push(("client_secret".into(), s.expose().to_string()));
                 }
             }
-            ClientAuth::None => form.push(("client_id", cfg.client_id.clone())),
+            ClientAuth::PrivateKeyJwt => {
+                form.push(("client_id".into(), cfg.client_id.clone()));
+                form.push((
+                    "client_assertion_type".into(),
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".into(),
+                ));
+                form.push(("client_assertion".into(), self.client_assertion()));
+            }
+            ClientAuth::None => form.push(("client_id".into(), cfg.client_id.clone())),
         }
         req.form(&form)
+    }
+
+    /// RFC 7523 §3: a short-lived JWT signed with the client's key. `aud` is the issuer identifier
+    /// alone — not an endpoint URL — so an assertion cannot be replayed at another server
+    /// (the 2025 audience-injection finding against private_key_jwt).
+    fn client_assertion(&self) -> String {
+        let Some(k) = &self.config.client_key else {
+            return String::new();
+        };
+        let now = crate::session::tokens::now_s();
+        let claims = serde_json::json!({
+            "iss": self.config.client_id,
+            "sub": self.config.client_id,
+            "aud": self.config.issuer,
+            "jti": crate::auth::login::random_token(),
+            "iat": now,
+            "exp": now + 60,
+        });
+        let mut header = jsonwebtoken::Header::new(k.alg);
+        header.kid = k.kid.clone();
+        jsonwebtoken::encode(&header, &claims, &k.key).unwrap_or_default()
     }
 
     async fn token_request(
@@ -187,6 +223,54 @@ impl Idp {
             ("refresh_token", refresh_token.secret().clone()),
         ])
         .await
+    }
+
+    /// Pushed Authorization Request (RFC 9126 §2): the authorization parameters go to the AS
+    /// directly (authenticated); the browser only carries the returned `request_uri`.
+    pub async fn push_authorization_request(
+        &self,
+        params: &[(String, String)],
+    ) -> Result<String, IdpError> {
+        let started = std::time::Instant::now();
+        let r = self.push_inner(params).await;
+        self.metrics
+            .idp_call("par", super::outcome(&r), started.elapsed());
+        r
+    }
+
+    async fn push_inner(&self, params: &[(String, String)]) -> Result<String, IdpError> {
+        #[derive(Deserialize)]
+        struct Pushed {
+            request_uri: String,
+        }
+        let md = self.ready_metadata()?;
+        let endpoint = md.par_endpoint.as_ref().ok_or(IdpError::Unsupported(
+            "pushed authorization request endpoint",
+        ))?;
+        // RFC 9126 §2.1: the authorization request's parameters, client_id included.
+        let form: Vec<(String, String)> = params.to_vec();
+        let resp = self
+            .authenticated_post(endpoint, form)
+            .send()
+            .await
+            .map_err(IdpError::from_reqwest)?;
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(IdpError::from_reqwest)?;
+        if status.is_success() {
+            let p: Pushed = serde_json::from_slice(&body)
+                .map_err(|_| IdpError::InvalidResponse("PAR response is not valid JSON".into()))?;
+            return Ok(p.request_uri);
+        }
+        if status.is_client_error() {
+            if let Ok(e) = serde_json::from_slice::<OAuthErrorBody>(&body) {
+                return Err(IdpError::OAuth {
+                    status: status.as_u16(),
+                    error: e.error,
+                    description: e.error_description,
+                });
+            }
+        }
+        Err(IdpError::Status(status.as_u16()))
     }
 
     /// Token revocation (RFC 7009 §2.1). Unsupported when the IdP has no revocation endpoint.

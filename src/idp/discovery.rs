@@ -24,6 +24,9 @@ pub struct Metadata {
     pub end_session_endpoint: Option<Url>,
     /// RFC 9207 §3: the AS always sends `iss` in authorization responses.
     pub iss_parameter_supported: bool,
+    /// RFC 9126 §5: where to push authorization requests, and whether the AS demands it.
+    pub par_endpoint: Option<Url>,
+    pub par_required: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -37,6 +40,9 @@ struct Document {
     end_session_endpoint: Option<Url>,
     #[serde(default)]
     authorization_response_iss_parameter_supported: bool,
+    pushed_authorization_request_endpoint: Option<Url>,
+    #[serde(default)]
+    require_pushed_authorization_requests: bool,
     code_challenge_methods_supported: Option<Vec<String>>,
 }
 
@@ -134,6 +140,12 @@ pub async fn discover(http: &reqwest::Client, cfg: &OAuthConfig) -> anyhow::Resu
         iss_parameter_supported: doc
             .as_ref()
             .is_some_and(|d| d.authorization_response_iss_parameter_supported),
+        par_endpoint: doc
+            .as_ref()
+            .and_then(|d| d.pushed_authorization_request_endpoint.clone()),
+        par_required: doc
+            .as_ref()
+            .is_some_and(|d| d.require_pushed_authorization_requests),
     };
     if cfg.wants_openid() && md.jwks_uri.is_none() {
         bail!("scope `openid` needs a jwks_uri to validate ID tokens, and none was found");

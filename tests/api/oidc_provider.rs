@@ -514,3 +514,80 @@ where
     }
     out
 }
+
+#[tokio::test]
+async fn login_pushes_the_authorization_request_when_the_idp_offers_par() {
+    let stack = Stack::start("").await;
+    let r = stack
+        .browser
+        .get(format!("{}/login", stack.base))
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(r.status(), 302);
+    let loc = location(&r, &stack.base);
+    let url = url::Url::parse(&loc).expect("url");
+    let names: Vec<String> = url.query_pairs().map(|(k, _)| k.into_owned()).collect();
+    assert_eq!(names, vec!["client_id", "request_uri"], "{loc}");
+    // And the whole login still completes through the pushed request.
+    assert_eq!(stack.login("gina", "/").await.status(), 302);
+
+    let off = Stack::start("par = \"off\"").await;
+    let r = off
+        .browser
+        .get(format!("{}/login", off.base))
+        .send()
+        .await
+        .expect("login");
+    let loc = location(&r, &off.base);
+    assert!(
+        loc.contains("code_challenge=") && !loc.contains("request_uri="),
+        "{loc}"
+    );
+}
+
+#[tokio::test]
+async fn private_key_jwt_client_authentication_against_oidc_provider() {
+    use p256::pkcs8::EncodePrivateKey;
+    let key = p256::SecretKey::random(&mut rand::rngs::OsRng);
+    let pem = key.to_pkcs8_pem(p256::pkcs8::LineEnding::LF).expect("pem");
+    let path = std::env::temp_dir().join(format!("tokengate-pkjwt-{}.pem", std::process::id()));
+    std::fs::write(&path, pem.as_bytes()).expect("write key");
+    let mut jwk: Value =
+        serde_json::from_str(&key.public_key().to_jwk_string()).expect("public jwk");
+    jwk["kid"] = json!("tg-1");
+    jwk["alg"] = json!("ES256");
+    jwk["use"] = json!("sig");
+    let stack = Stack::start_with(StackOptions {
+        extra_oauth: format!(
+            "client_auth = \"private_key_jwt\"\nprivate_key_file = \"{}\"\nprivate_key_kid = \"tg-1\"",
+            path.display()
+        ),
+        client_extra: json!({
+            "token_endpoint_auth_method": "private_key_jwt",
+            "token_endpoint_auth_signing_alg": "ES256",
+            "jwks": { "keys": [jwk] },
+        }),
+        ..StackOptions::default()
+    })
+    .await;
+    // Code redemption, refresh and revocation all authenticate with the signed assertion.
+    assert_eq!(stack.login("hank", "/").await.status(), 302);
+    let r = stack
+        .api(reqwest::Method::POST, "/refreshtoken")
+        .send()
+        .await
+        .expect("refresh");
+    assert_eq!(r.status(), 200);
+    let r = stack
+        .api(reqwest::Method::POST, "/logout")
+        .send()
+        .await
+        .expect("logout");
+    assert_eq!(r.status(), 200);
+    let stats = stack.idp_stats().await;
+    assert_eq!(stats["grants"]["authorization_code"], 1, "{stats}");
+    assert_eq!(stats["grants"]["refresh_token"], 1, "{stats}");
+    assert_eq!(stats["revoked"]["refresh_token"], 1, "{stats}");
+    let _ = std::fs::remove_file(&path);
+}
