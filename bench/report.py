@@ -96,7 +96,8 @@ def main():
     w(f"| CPU | {facts.get('cpu', '?')}, `nproc` = {facts.get('nproc', '?')} |")
     w(f"| memory | {facts.get('mem', '?')} |")
     w(f"| kernel | {facts.get('kernel', '?')} |")
-    w(f"| load average (1/5/15 min) | before: {facts.get('load_before', '?')}; after the load runs: "
+    w(f"| load average (1/5/15 min) | before the run: {facts.get('load_before', '?')}; "
+      f"after the build, before the load runs: {facts.get('load_before_load', '?')}; after the load runs: "
       f"{facts.get('load_after_load', '?')}; at the end: {facts.get('load_after', '?')} |")
     w(f"| software | nginx {facts.get('nginx_version', '?')}, wrk {facts.get('wrk_version', '?')}, "
       f"node {facts.get('node_version', '?')} |")
@@ -141,6 +142,11 @@ def main():
       "every target). `new upstream conns`: connections the upstream accepted during a run (most in any "
       "round; A: wrk's own): a proxy that pools its upstream connections opens few.")
     w("")
+    lines = int(facts.get("tg_stderr_lines", 0) or 0)
+    if lines > 50:
+        w(f"**Warning:** tokengate wrote {lines:,} lines to stderr during the load runs (with "
+          "`log.level = \"warn\"`): logging was on the hot path and its numbers are not representative.")
+        w("")
     if facts.get("redis_note"):
         w(f"Target D (redis session store): {facts['redis_note']}.")
         w("")

@@ -498,6 +498,7 @@ if [ -n "${TGR_PID:-}" ]; then
   start_sampler tgr 0.2 "$TGR_PID"
   S_TGR=$SAMPLER_PID
 fi
+fact load_before_load "$(cut -d' ' -f1-3 /proc/loadavg)"
 max_c=$(echo $CONNS | tr ' ' '\n' | sort -n | tail -1)
 log "warm-up: ${WARMUP}s per target at $max_c connections"
 for t in $TARGETS; do run_wrk "$t" "$max_c" warmup "$WARMUP"; done
@@ -534,11 +535,11 @@ if [ "${PROFILE:-0}" = 1 ]; then
       echo "# load average: $(cut -d' ' -f1-3 /proc/loadavg)"
       echo
       echo "## by shared object"
-      perf report -i "$WORK/perf.data" --no-children --sort dso --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -15
+      perf report -i "$WORK/perf.data" --no-children --sort dso --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -15
       echo
       echo "## top symbols (self time)"
       perf report -i "$WORK/perf.data" --no-children --sort symbol --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -60
-    ) >"$WORK/perf-top.txt"
+    ) | sed 's/[[:space:]]*$//; s/[[:space:]]*-[[:space:]]*-$//' >"$WORK/perf-top.txt"
     mkdir -p "$(dirname "$OUT")"
     cp "$WORK/perf-top.txt" "$(dirname "$OUT")/perf-tokengate.txt"
   else
@@ -556,6 +557,8 @@ if [ -n "${TGR_PID:-}" ]; then
   fact hwm_tgr_kb "$(FIELD=VmHWM rss_kb "$TGR_PID")"
 fi
 fact load_after_load "$(cut -d' ' -f1-3 /proc/loadavg)"
+# log.level = "warn": a quiet run writes next to nothing; per-request lines would skew every number
+fact tg_stderr_lines "$(wc -l <"$WORK/tg.err")"
 
 # ---------------------------------------------------------------- 1 GiB each way
 # transfer NAME KIND(down|up) URL curl-args...: facts NAME_mibs, NAME_ok (+ tokengate RSS growth)
@@ -581,6 +584,7 @@ transfer() {
   log "$name: HTTP $st, ${bytes:-0} bytes in ${secs}s"
 }
 log "1 GiB transfers"
+cat "$WORK/www/api/big" >/dev/null # page cache warm for every download alike
 fact big_bytes "$BIG_BYTES"
 transfer dl_direct down "http://127.0.0.1:$UP_PORT/api/big" -H 'Authorization: Bearer x'
 transfer dl_nginx down "http://127.0.0.1:$NGX_PORT/api/big"

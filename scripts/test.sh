@@ -30,6 +30,6 @@ cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test (unit tests, fuzz-free benches compile, integration suite on the cookie store)"
 cargo test --all-targets --locked
 echo "== the same integration suite on the Redis store"
-TOKENGATE_TEST_STORE=redis cargo test --locked --test api
+TEST_SESSION_STORE=redis cargo test --locked --test api
 echo "== the demo in a real browser (headless Chromium)"
 bash scripts/browser-test.sh

@@ -51,15 +51,35 @@ pub fn metrics_app(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// tokengate's own endpoints, as metric labels.
+const ENDPOINTS: &[&str] = &[
+    "/login",
+    "/refreshtoken",
+    "/userinfo",
+    "/logout",
+    "/backchannel-logout",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+];
+
 /// The route label for logs and metrics: the matched endpoint, the API route's prefix, or
 /// `static` — never the raw path (unbounded label values).
-pub fn route_label(state: &AppState, req: &Request) -> String {
+pub fn route_label(state: &AppState, req: &Request) -> &'static str {
     if let Some(m) = req.extensions().get::<MatchedPath>() {
-        return m.as_str().to_string();
+        let m = m.as_str();
+        if m == state.config.oauth.redirect_path {
+            return "/oauth-callback";
+        }
+        return ENDPOINTS
+            .iter()
+            .find(|e| **e == m)
+            .copied()
+            .unwrap_or("other");
     }
     match state.upstreams.route_for(req.uri().path()) {
-        Some(r) => r.prefix.clone(),
-        None => "static".into(),
+        Some(r) => state.upstreams.label(r),
+        None => "static",
     }
 }
 
@@ -107,13 +127,16 @@ async fn readyz(State(state): State<AppState>) -> Response {
     let metadata = state.idp.metadata().is_some();
     let jwks = state.idp.jwks_loaded();
     let store = state.store.ping().await;
-    let ready = metadata && jwks && store;
+    // While draining after SIGTERM: still serving, but load balancers should stop sending.
+    let draining = state.lifecycle.is_draining();
+    let ready = metadata && jwks && store && !draining;
     let body = serde_json::json!({
-        "status": if ready { "ready" } else { "not_ready" },
+        "status": if draining { "draining" } else if ready { "ready" } else { "not_ready" },
         "checks": {
             "idp_metadata": metadata,
             "idp_jwks": jwks,
             "session_store": store,
+            "accepting_traffic": !draining,
         }
     });
     let status = if ready {

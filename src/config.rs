@@ -62,6 +62,7 @@ struct RawServer {
     trusted_proxies: Vec<String>,
     metrics_listen: Option<String>,
     shutdown_timeout_s: u64,
+    shutdown_delay_s: u64,
     header_read_timeout_s: u64,
     max_header_bytes: usize,
     max_connections: usize,
@@ -78,6 +79,7 @@ impl Default for RawServer {
             trusted_proxies: vec![],
             metrics_listen: None,
             shutdown_timeout_s: 30,
+            shutdown_delay_s: 0,
             header_read_timeout_s: 10,
             max_header_bytes: 64 * 1024,
             max_connections: 10_000,
@@ -354,6 +356,8 @@ pub struct ServerConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub shutdown_timeout: Duration,
+    /// After SIGTERM, keep accepting (with /readyz = 503) at least this long.
+    pub shutdown_delay: Duration,
     /// A client must send its request headers within this (slowloris defence).
     pub header_read_timeout: Duration,
     /// Request headers larger than this are answered 431.
@@ -1150,6 +1154,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
             trusted_proxies,
             metrics_listen,
             shutdown_timeout,
+            shutdown_delay: Duration::from_secs(raw.server.shutdown_delay_s),
             header_read_timeout,
             max_header_bytes: raw.server.max_header_bytes,
             max_connections: raw.server.max_connections,

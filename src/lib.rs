@@ -49,6 +49,7 @@ pub async fn serve(
         header_read_timeout: config.server.header_read_timeout,
         max_header_bytes: config.server.max_header_bytes,
         shutdown_timeout: config.server.shutdown_timeout,
+        shutdown_delay: config.server.shutdown_delay,
     };
     let metrics_listen = config.server.metrics_listen;
     let state = state::AppState::new(config)?;
@@ -69,8 +70,9 @@ pub async fn serve(
         }
         None => None,
     };
+    let lifecycle = std::sync::Arc::clone(&state.lifecycle);
     let router = app::app(state);
-    let result = server::run(listener, router, limits, shutdown).await;
+    let result = server::run(listener, router, limits, lifecycle, shutdown).await;
     let _ = stop_tx.send(true);
     if let Some(t) = metrics_task {
         let _ = t.await;

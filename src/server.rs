@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,15 +26,51 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
     pub shutdown_timeout: Duration,
+    pub shutdown_delay: Duration,
+}
+
+/// Where the process is in its life: requests in flight, and whether it is draining.
+#[derive(Debug, Default)]
+pub struct Lifecycle {
+    draining: AtomicBool,
+    in_flight: AtomicUsize,
+}
+
+impl Lifecycle {
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts a request as in flight until its response head is produced (or it is dropped).
+struct InFlight(Arc<Lifecycle>);
+
+impl InFlight {
+    fn new(l: &Arc<Lifecycle>) -> Self {
+        l.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(l))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 const OVERLOADED: &str = "{\"error\":\"temporarily_unavailable\",\"error_description\":\"too many connections; try again shortly\"}";
 
-/// Serves `router` on `listener` until `shutdown` resolves; then drains (bounded).
+/// Serves `router` on `listener` until `shutdown` resolves; then drains (bounded): /readyz turns
+/// 503 while tokengate keeps accepting until no request is in flight (and at least
+/// `shutdown_delay`), then it stops accepting and lets open connections finish.
 pub async fn run(
     listener: TcpListener,
     router: Router,
     limits: Limits,
+    lifecycle: Arc<Lifecycle>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
@@ -45,6 +82,7 @@ pub async fn run(
         .max_buf_size(limits.max_header_bytes.saturating_mul(2).max(8192))
         .keep_alive(true);
     tokio::pin!(shutdown);
+    let mut drain_started: Option<tokio::time::Instant> = None;
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -56,7 +94,20 @@ pub async fn run(
                     continue;
                 }
             },
-            () = &mut shutdown => break,
+            () = &mut shutdown, if drain_started.is_none() => {
+                lifecycle.draining.store(true, Ordering::Relaxed);
+                drain_started = Some(tokio::time::Instant::now());
+                tracing::info!(in_flight = lifecycle.in_flight(), "draining: /readyz is 503");
+                continue;
+            }
+            () = tokio::time::sleep(Duration::from_millis(20)), if drain_started.is_some() => {
+                let elapsed = drain_started.map(|t| t.elapsed()).unwrap_or_default();
+                let quiet = lifecycle.in_flight() == 0 && elapsed >= limits.shutdown_delay;
+                if quiet || elapsed >= limits.shutdown_timeout {
+                    break;
+                }
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
@@ -64,9 +115,16 @@ pub async fn run(
             continue;
         };
         let app = router.clone();
+        let life = Arc::clone(&lifecycle);
         let svc = tower::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(ConnectInfo(peer));
-            app.clone().oneshot(req.map(axum::body::Body::new))
+            let guard = InFlight::new(&life);
+            let call = app.clone().oneshot(req.map(axum::body::Body::new));
+            async move {
+                let resp = call.await;
+                drop(guard);
+                resp
+            }
         });
         let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
         let conn = graceful.watch(conn);
@@ -78,8 +136,13 @@ pub async fn run(
         });
     }
     drop(listener);
-    tracing::info!("stopped accepting; waiting for in-flight requests");
-    if tokio::time::timeout(limits.shutdown_timeout, graceful.shutdown())
+    tracing::info!("stopped accepting; waiting for open connections");
+    let spent = drain_started.map(|t| t.elapsed()).unwrap_or_default();
+    let left = limits
+        .shutdown_timeout
+        .saturating_sub(spent)
+        .max(Duration::from_millis(100));
+    if tokio::time::timeout(left, graceful.shutdown())
         .await
         .is_err()
     {

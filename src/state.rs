@@ -11,8 +11,19 @@ use crate::session::seal::Sealer;
 use crate::session::store::SessionStore;
 use crate::session::store_redis::RedisStore;
 
+/// The handle every request gets: one `Arc`, so cloning it (axum does, several times per
+/// request) copies a pointer, not the key schedule or the cookie names.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+pub struct Shared {
     pub config: Arc<Config>,
     /// `public_url`'s origin as browsers send it in `Origin`.
     pub origin: Arc<str>,
@@ -25,10 +36,17 @@ pub struct AppState {
     pub userinfo_cache: Arc<crate::auth::userinfo::Cache>,
     pub logins: Arc<crate::auth::ledger::LoginLedger>,
     pub metrics: Arc<Metrics>,
+    pub lifecycle: Arc<crate::server::Lifecycle>,
 }
 
 impl AppState {
     pub fn new(config: Config) -> anyhow::Result<Self> {
+        Shared::new(config).map(|s| AppState(Arc::new(s)))
+    }
+}
+
+impl Shared {
+    fn new(config: Config) -> anyhow::Result<Self> {
         let metrics = Arc::new(Metrics::new());
         let sealer = Sealer::new(&config.session.keys);
         let rules = crate::session::cookie::CookieRules::new(config.server.is_https());
@@ -58,6 +76,7 @@ impl AppState {
             userinfo_cache: Arc::default(),
             logins: Arc::default(),
             metrics,
+            lifecycle: Arc::default(),
         })
     }
 }

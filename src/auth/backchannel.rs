@@ -18,10 +18,38 @@ use crate::state::AppState;
 /// How long a logout token's `jti` is remembered (tokens are accepted up to 10 minutes old).
 const JTI_TTL: Duration = Duration::from_secs(900);
 
+/// The IdP sends a small form; a body that is larger or slower is refused.
+const MAX_BODY: usize = 64 * 1024;
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub async fn backchannel_logout(
     State(state): State<AppState>,
-    body: Bytes,
+    request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
+    let limited = http_body_util::Limited::new(request.into_body(), MAX_BODY);
+    let body: Bytes =
+        match tokio::time::timeout(BODY_TIMEOUT, http_body_util::BodyExt::collect(limited)).await {
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "invalid_request",
+                    "the request body did not arrive in time",
+                ))
+            }
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "invalid_request",
+                    "the request body is too large",
+                ))
+            }
+            Ok(Err(_)) => {
+                return Err(ApiError::invalid_request(
+                    "the request body could not be read",
+                ))
+            }
+            Ok(Ok(c)) => c.to_bytes(),
+        };
     let Some(redis) = state.store.redis_store() else {
         return Err(ApiError::new(
             StatusCode::NOT_IMPLEMENTED,

@@ -23,6 +23,14 @@ pub async fn callback(
     uri: http::Uri,
 ) -> Result<Response, ApiError> {
     let result = complete_login(&state, &cookies, &uri).await;
+    if result.is_err() {
+        // A refused callback ends the browser's pending logins: the transaction it names may be
+        // unknowable (tampered state), and a broken flow must restart at /login anyway.
+        let rules = state.store.rules();
+        for name in rules.tx_names(&cookies) {
+            rules.clear_tx(&cookies, &name);
+        }
+    }
     let (outcome, reason) = match &result {
         Ok((_, reason)) => (
             if reason.is_empty() {
@@ -132,6 +140,7 @@ async fn complete_login(
     let mut session = Session {
         id: random_token(),
         expires_at: tokens.expires_in.map(|s| now.saturating_add(s)),
+        lifetime: tokens.expires_in,
         access_token: tokens.access_token,
         refresh_token: tokens.refresh_token,
         id_token: tokens.id_token,
@@ -142,8 +151,13 @@ async fn complete_login(
         last_seen: now,
         generation: 0,
     };
-    // A fresh session replaces whatever the browser had: no fixation.
-    state.store.remove(cookies, None).await;
+    // A fresh session replaces whatever the browser had (no fixation); server-side, the old
+    // session is deleted, not just forgotten by this browser.
+    let previous = match state.store.load(cookies).await {
+        Ok(crate::session::store::Loaded::Some(old)) => Some(old),
+        _ => None,
+    };
+    state.store.remove(cookies, previous.as_ref()).await;
     state
         .store
         .save(cookies, &mut session)

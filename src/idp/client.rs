@@ -47,6 +47,8 @@ pub enum IdpError {
     NotReady,
     #[error("the authorization server has no {0}")]
     Unsupported(&'static str),
+    #[error("the authorization server failed recently; not asking again yet")]
+    BackingOff,
 }
 
 impl IdpError {
@@ -69,6 +71,27 @@ impl IdpError {
 struct OAuthErrorBody {
     error: String,
     error_description: Option<String>,
+}
+
+/// Largest answer read from the IdP: a hostile or broken IdP cannot make us buffer more.
+pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+
+/// Reads a response body up to [`MAX_RESPONSE_BYTES`]; larger ones are refused.
+pub async fn read_capped(mut resp: reqwest::Response) -> Result<Vec<u8>, IdpError> {
+    if resp
+        .content_length()
+        .is_some_and(|n| n > MAX_RESPONSE_BYTES as u64)
+    {
+        return Err(IdpError::InvalidResponse("response too large".into()));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(IdpError::from_reqwest)? {
+        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Err(IdpError::InvalidResponse("response too large".into()));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// RFC 6749 §2.3.1: client id and secret are form-urlencoded before Basic encoding.
@@ -173,7 +196,7 @@ impl Idp {
             .await
             .map_err(IdpError::from_reqwest)?;
         let status = resp.status();
-        let body = resp.bytes().await.map_err(IdpError::from_reqwest)?;
+        let body = read_capped(resp).await?;
         if status.is_success() {
             let t: TokenResponse = serde_json::from_slice(&body).map_err(|_| {
                 IdpError::InvalidResponse("token response is not valid JSON".into())
@@ -255,7 +278,7 @@ impl Idp {
             .await
             .map_err(IdpError::from_reqwest)?;
         let status = resp.status();
-        let body = resp.bytes().await.map_err(IdpError::from_reqwest)?;
+        let body = read_capped(resp).await?;
         if status.is_success() {
             let p: Pushed = serde_json::from_slice(&body)
                 .map_err(|_| IdpError::InvalidResponse("PAR response is not valid JSON".into()))?;
@@ -340,8 +363,7 @@ impl Idp {
         if !resp.status().is_success() {
             return Err(IdpError::Status(resp.status().as_u16()));
         }
-        resp.json()
-            .await
+        serde_json::from_slice(&read_capped(resp).await?)
             .map_err(|_| IdpError::InvalidResponse("userinfo is not a JSON object".into()))
     }
 }

@@ -68,8 +68,10 @@ async fn fetch_document(http: &reqwest::Client, url: &Url) -> anyhow::Result<Doc
     if !resp.status().is_success() {
         bail!("GET {url}: HTTP {}", resp.status().as_u16());
     }
-    resp.json::<Document>()
+    let body = super::client::read_capped(resp)
         .await
+        .with_context(|| format!("GET {url}"))?;
+    serde_json::from_slice::<Document>(&body)
         .with_context(|| format!("GET {url}: not a metadata document"))
 }
 
@@ -196,7 +198,10 @@ impl Jwks {
             bail!("GET {uri}: HTTP {}", resp.status().as_u16());
         }
         // Parse key by key: one key of a type we do not know must not hide the others.
-        let raw: serde_json::Value = resp.json().await.context("JWKS is not JSON")?;
+        let body = super::client::read_capped(resp)
+            .await
+            .with_context(|| format!("GET {uri}"))?;
+        let raw: serde_json::Value = serde_json::from_slice(&body).context("JWKS is not JSON")?;
         let keys = raw
             .get("keys")
             .and_then(|k| k.as_array())

@@ -151,6 +151,15 @@ impl Idp {
         let data = decode::<Map<String, Value>>(token, &key, &v)
             .map_err(|e| IdTokenError::Invalid(format!("{:?}", e.kind())))?;
         let claims = data.claims;
+        // OIDC Core §2: `iss` is a case-sensitive string (jsonwebtoken would accept an array
+        // containing it).
+        if claims.get("iss").and_then(Value::as_str) != Some(self.config.issuer.as_str()) {
+            return Err(IdTokenError::Invalid("iss".into()));
+        }
+        // A claim named twice is ambiguous (which one did the signer mean?): refused.
+        if has_duplicate_claims(token) {
+            return Err(IdTokenError::Invalid("duplicate claim".into()));
+        }
 
         let now = now_s();
         let skew = self.config.clock_skew.as_secs();
@@ -212,6 +221,37 @@ impl Idp {
             .map(str::to_string);
         Ok(IdClaims { sub, sid, claims })
     }
+}
+
+/// True when the JWT payload names a top-level member more than once.
+fn has_duplicate_claims(token: &str) -> bool {
+    use base64::Engine;
+    use serde::de::{Deserializer, MapAccess, Visitor};
+    struct Dup;
+    impl<'de> Visitor<'de> for Dup {
+        type Value = bool;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            let mut dup = false;
+            while let Some(k) = map.next_key::<String>()? {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                dup |= !seen.insert(k);
+            }
+            Ok(dup)
+        }
+    }
+    let Some(payload) = token.split('.').nth(1) else {
+        return true;
+    };
+    let Ok(bytes) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload) else {
+        return true;
+    };
+    serde_json::Deserializer::from_slice(&bytes)
+        .deserialize_map(Dup)
+        .unwrap_or(true)
 }
 
 /// Reads the claims of a token we validated earlier (kept in the session), without re-verifying.

@@ -48,6 +48,14 @@ async fn proxy(
     req: Request,
 ) -> Result<Response, ApiError> {
     // request_filter
+    // TRACE would echo the bearer token back to the caller; CONNECT is no API call.
+    if matches!(req.method().as_str(), "TRACE" | "CONNECT") {
+        return Err(ApiError::new(
+            http::StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request",
+            "this method is not forwarded",
+        ));
+    }
     check_csrf(state, req.headers())?;
     let limit = state.config.server.max_body_bytes;
     if limit > 0 {
@@ -108,6 +116,14 @@ async fn proxy(
             return Err(ApiError::gateway_timeout("the API did not answer in time"));
         }
         Ok(Err(e)) => {
+            // The browser's body outgrew server.max_body_bytes while streaming: its fault.
+            if caused_by::<http_body_util::LengthLimitError>(&e) {
+                return Err(ApiError::new(
+                    http::StatusCode::PAYLOAD_TOO_LARGE,
+                    "invalid_request",
+                    "the request body is too large",
+                ));
+            }
             state.metrics.upstream_error(&route.prefix, "error");
             return Err(ApiError::bad_gateway("the API could not be reached").with_cause(e));
         }
@@ -126,6 +142,18 @@ async fn proxy(
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
     Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// Whether `T` is anywhere in `e`'s source chain.
+fn caused_by<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<T>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 fn public_host(u: &url::Url) -> String {

@@ -96,11 +96,31 @@ fn trim_ascii(b: &[u8]) -> &[u8] {
     &b[start..end]
 }
 
-/// Drops the browser's `Authorization` and spoofable identity headers; sets our bearer token.
+/// Identity-header families (prefixes, after `_` → `-`) that auth proxies use.
+const SPOOFABLE_PREFIXES: &[&str] = &["x-auth-request-", "oidc-claim-", "x-amzn-oidc-", "x-user-"];
+
+/// Whether a client-sent header could pass for identity asserted by an auth proxy. Names are
+/// compared lower-case with `_` read as `-`, because some servers treat them alike.
+fn spoofable(name: &str) -> bool {
+    let n = name.to_ascii_lowercase().replace('_', "-");
+    SPOOFABLE_IDENTITY.contains(&n.as_str())
+        || SPOOFABLE_PREFIXES.iter().any(|p| n.starts_with(p))
+        || n.starts_with("oidc-access-token")
+        || n.starts_with("oidc-id-token")
+}
+
+/// Drops the browser's `Authorization`, spoofable identity headers and every header with an
+/// underscore in its name (nginx's default too: `X_User` could be read as `X-User` upstream);
+/// sets our bearer token.
 pub fn set_authorization(headers: &mut HeaderMap, access_token: &str) {
     headers.remove(header::AUTHORIZATION);
-    for n in SPOOFABLE_IDENTITY {
-        headers.remove(*n);
+    let drop: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().contains('_') || spoofable(k.as_str()))
+        .cloned()
+        .collect();
+    for n in drop {
+        headers.remove(n);
     }
     if let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {access_token}")) {
         v.set_sensitive(true);
@@ -231,12 +251,17 @@ mod tests {
             ("authorization", "Bearer attacker"),
             ("x-forwarded-user", "admin"),
             ("x-auth-request-email", "a@b"),
+            ("x_forwarded_email", "a@b"),
+            ("oidc_claim_sub", "admin"),
+            ("x-user-id", "1"),
+            ("x-amzn-oidc-identity", "admin"),
+            ("accept", "application/json"),
         ]);
         set_authorization(&mut h, "real");
         assert_eq!(h["authorization"], "Bearer real");
         assert!(h["authorization"].is_sensitive());
-        assert!(!h.contains_key("x-forwarded-user"));
-        assert!(!h.contains_key("x-auth-request-email"));
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h["accept"], "application/json");
     }
 
     #[test]

@@ -18,6 +18,8 @@ pub type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
 pub struct Upstreams {
     pub routes: Vec<RouteConfig>,
     pub client: Client<HttpsConnector, Body>,
+    /// Each route's prefix as a `'static` metric label (made once at start-up).
+    labels: Vec<&'static str>,
 }
 
 impl Upstreams {
@@ -38,7 +40,20 @@ impl Upstreams {
         Ok(Self {
             routes: routes.to_vec(),
             client,
+            labels: routes
+                .iter()
+                .map(|r| &*Box::leak(r.prefix.clone().into_boxed_str()))
+                .collect(),
         })
+    }
+
+    /// The metric label of `route` (one of `self.routes`).
+    pub fn label(&self, route: &RouteConfig) -> &'static str {
+        self.routes
+            .iter()
+            .position(|r| std::ptr::eq(r, route))
+            .and_then(|i| self.labels.get(i).copied())
+            .unwrap_or("other")
     }
 
     /// The route whose prefix `path` falls under (routes are sorted longest prefix first).

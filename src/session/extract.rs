@@ -107,21 +107,36 @@ pub async fn ensure_fresh(
     if !session.needs_refresh(now, state.config.oauth.refresh_skew) {
         return Ok(());
     }
-    force_refresh(state, cookies, session).await.or_else(|e| {
-        // Still valid: a transient failure does not stop the request.
-        if e.status == http::StatusCode::SERVICE_UNAVAILABLE && session.expires_in(now) > Some(0) {
-            Ok(())
-        } else {
-            Err(e)
-        }
-    })
+    refresh_now(state, cookies, session, true)
+        .await
+        .or_else(|e| {
+            // Still valid: a transient failure does not stop the request.
+            if e.status == http::StatusCode::SERVICE_UNAVAILABLE
+                && session.expires_in(now) > Some(0)
+            {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })
 }
 
-/// Refreshes now (single-flight) and saves the session.
+/// Refreshes now (single-flight) and saves the session (`POST /refreshtoken`).
 pub async fn force_refresh(
     state: &AppState,
     cookies: &Cookies,
     session: &mut Session,
+) -> Result<(), ApiError> {
+    refresh_now(state, cookies, session, false).await
+}
+
+/// `proactive`: refreshing ahead of expiry before using the token; then a session without a
+/// refresh token simply keeps using its still-valid token.
+async fn refresh_now(
+    state: &AppState,
+    cookies: &Cookies,
+    session: &mut Session,
+    proactive: bool,
 ) -> Result<(), ApiError> {
     use super::refresh::RefreshError;
     match state
@@ -147,6 +162,9 @@ pub async fn force_refresh(
                 Err(ApiError::unauthorized(
                     "the session's access token expired and cannot be refreshed: log in again",
                 ))
+            } else if proactive {
+                // Nothing to refresh with: the still-valid token is used until it expires.
+                Ok(())
             } else {
                 Err(ApiError::invalid_request(
                     "the session has no refresh token",

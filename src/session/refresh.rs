@@ -41,10 +41,21 @@ struct Entry {
     cell: Arc<OnceCell<Outcome>>,
 }
 
+/// After a transient failure the IdP is left alone for a while (per session), doubling up to
+/// [`MAX_BACKOFF`]: a failing IdP must not get one refresh grant per API call.
+const FIRST_BACKOFF: Duration = Duration::from_secs(2);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+struct Backoff {
+    until: Instant,
+    next: Duration,
+}
+
 /// Coordinates refreshes within this process.
 #[derive(Default)]
 pub struct Refresher {
     entries: Mutex<HashMap<[u8; 32], Entry>>,
+    backoff: Mutex<HashMap<String, Backoff>>,
     metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -68,6 +79,7 @@ impl Refresher {
     pub fn new(metrics: Arc<crate::metrics::Metrics>) -> Self {
         Self {
             entries: Mutex::default(),
+            backoff: Mutex::default(),
             metrics,
         }
     }
@@ -80,6 +92,9 @@ impl Refresher {
             .clone()
             .ok_or(RefreshError::NoRefreshToken)?;
         let k = key(&session.id, &rt);
+        if self.backing_off(&session.id) {
+            return Err(RefreshError::Transient(IdpError::BackingOff));
+        }
         let cell = {
             let mut map = self
                 .entries
@@ -130,8 +145,42 @@ impl Refresher {
             })
             .await
             .clone();
+        self.note_outcome(&session.id, &outcome);
         self.sweep();
         outcome
+    }
+
+    fn backing_off(&self, sid: &str) -> bool {
+        self.backoff
+            .lock()
+            .map(|b| b.get(sid).is_some_and(|x| Instant::now() < x.until))
+            .unwrap_or(false)
+    }
+
+    fn note_outcome(&self, sid: &str, outcome: &Outcome) {
+        let Ok(mut b) = self.backoff.lock() else {
+            return;
+        };
+        match outcome {
+            Err(RefreshError::Transient(IdpError::BackingOff)) => {}
+            Err(RefreshError::Transient(_)) => {
+                let wait = b.get(sid).map_or(FIRST_BACKOFF, |x| x.next);
+                if b.len() >= MAX_ENTRIES {
+                    let now = Instant::now();
+                    b.retain(|_, x| x.until > now);
+                }
+                b.insert(
+                    sid.to_string(),
+                    Backoff {
+                        until: Instant::now() + wait,
+                        next: (wait * 2).min(MAX_BACKOFF),
+                    },
+                );
+            }
+            _ => {
+                b.remove(sid);
+            }
+        }
     }
 
     fn sweep(&self) {
@@ -194,6 +243,7 @@ impl Session {
             self.id_token = Some(it.clone());
         }
         self.expires_at = t.expires_in.map(|s| obtained_at.saturating_add(s));
+        self.lifetime = t.expires_in;
         if t.scope.is_some() {
             self.scope = t.scope.clone();
         }

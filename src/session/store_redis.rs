@@ -296,16 +296,22 @@ impl RedisStore {
         let sids: Vec<String> = self.query(redis::cmd("SMEMBERS").arg(&index)).await?;
         let mut n = 0;
         for sid in &sids {
-            if let Some(s) = self.get(sid).await? {
-                // With both sid and sub given, both must match.
-                if sub.is_some_and(|sub| sub != s.subject) {
-                    continue;
+            match self.get(sid).await? {
+                // With both sid and sub given, both must match; others stay indexed.
+                Some(s) if sub.is_some_and(|sub| sub != s.subject) => {}
+                // delete() also takes it out of its indexes.
+                Some(s) => {
+                    self.delete(&s).await?;
+                    n += 1;
                 }
-                self.delete(&s).await?;
-                n += 1;
+                // Expired meanwhile: only the index entry is left to drop.
+                None => {
+                    let _ = self
+                        .query::<i64>(redis::cmd("SREM").arg(&index).arg(sid))
+                        .await;
+                }
             }
         }
-        let _ = self.query::<i64>(redis::cmd("DEL").arg(&index)).await;
         Ok(n)
     }
 

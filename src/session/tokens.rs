@@ -29,6 +29,9 @@ pub struct Session {
     /// When the access token expires (Unix seconds); `None` when the IdP did not say.
     #[serde(rename = "exp", default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<u64>,
+    /// The access token's lifetime as issued (`expires_in`), to scale the refresh window.
+    #[serde(rename = "life", default, skip_serializing_if = "Option::is_none")]
+    pub lifetime: Option<u64>,
     #[serde(rename = "scp", default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<String>,
     /// The ID token's `sub` and `sid` (kept apart so they need no re-parsing).
@@ -60,9 +63,15 @@ impl Session {
     }
 
     /// True when the access token expires within `skew` (so it must be refreshed before use).
+    /// The window is at most half the token's lifetime: with tokens shorter than the skew, every
+    /// call would otherwise spend a refresh grant.
     pub fn needs_refresh(&self, now: u64, skew: Duration) -> bool {
+        let window = match self.lifetime {
+            Some(life) => skew.as_secs().min(life / 2),
+            None => skew.as_secs(),
+        };
         match self.expires_at {
-            Some(exp) => exp <= now.saturating_add(skew.as_secs()),
+            Some(exp) => exp <= now.saturating_add(window),
             None => false,
         }
     }
@@ -100,6 +109,7 @@ mod tests {
             refresh_token: Some(RefreshToken::new("rt".into())),
             id_token: None,
             expires_at: Some(now + 100),
+            lifetime: None,
             scope: None,
             subject: "alice".into(),
             idp_session_id: None,
@@ -116,6 +126,18 @@ mod tests {
         assert!(s.needs_refresh(1071, Duration::from_secs(30)));
         assert!(s.needs_refresh(1200, Duration::from_secs(0)));
         assert_eq!(s.expires_in(1200), Some(0));
+    }
+
+    #[test]
+    fn refresh_window_is_at_most_half_the_lifetime() {
+        let mut s = session(1000);
+        s.expires_at = Some(1010);
+        s.lifetime = Some(10);
+        assert!(
+            !s.needs_refresh(1004, Duration::from_secs(30)),
+            "fresh for half its life"
+        );
+        assert!(s.needs_refresh(1005, Duration::from_secs(30)));
     }
 
     #[test]

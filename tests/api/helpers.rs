@@ -1034,7 +1034,12 @@ impl BinaryProcess {
         // Debug level for tokengate itself: the log test must see everything it could write.
         let text = format!("{config_toml}\n[log]\nlevel = \"tokengate=debug,info\"\n");
         std::fs::write(&path, text).expect("write config");
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tokengate"))
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tokengate"));
+        // The test run's own environment must not reconfigure the binary.
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("TOKENGATE_")) {
+            cmd.env_remove(k);
+        }
+        let mut child = cmd
             .arg("--config")
             .arg(&path)
             .env_remove("RUST_LOG")
@@ -1093,12 +1098,12 @@ impl Drop for BinaryProcess {
     }
 }
 
-/// Which session store the suite runs against: `TOKENGATE_TEST_STORE=redis` runs every test of
+/// Which session store the suite runs against: `TEST_SESSION_STORE=redis` runs every test of
 /// this binary against the Redis store (scripts/test.sh runs the suite once per store).
 pub fn store_under_test() -> &'static str {
     static STORE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     STORE.get_or_init(|| {
-        match std::env::var("TOKENGATE_TEST_STORE").as_deref() {
+        match std::env::var("TEST_SESSION_STORE").as_deref() {
             Ok("redis") => "redis",
             _ => "cookie",
         }
@@ -1331,8 +1336,9 @@ impl TestApp {
                 }
             }
             if tokio::time::Instant::now() > deadline {
+                let logs = self.process.as_ref().map(|p| p.logs()).unwrap_or_default();
                 panic!(
-                    "tokengate did not become ready (GET /readyz != 200) within {READY_TIMEOUT:?}"
+                    "tokengate did not become ready (GET /readyz != 200) within {READY_TIMEOUT:?}\n{logs}"
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

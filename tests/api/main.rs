@@ -3,6 +3,8 @@
 mod helpers;
 
 mod harness;
+mod hostile_1_50;
+mod hostile_51_100;
 
 mod callback;
 mod config;

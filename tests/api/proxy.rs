@@ -302,11 +302,14 @@ async fn slow_upstream_is_504_json() {
 }
 
 /// Logs in with an access token already inside the refresh window, then makes new tokens long-lived.
+/// Logs in with a 2 s access token and waits until it is inside its refresh window (the window
+/// is min(oauth.refresh_skew_s, half the token's lifetime) = 1 s here): nearly expired.
 async fn login_with_nearly_expired_token(app: &TestApp) -> String {
-    app.idp.behave(|b| b.access_token_ttl = 5); // < refresh_skew_s (30)
+    app.idp.behave(|b| b.access_token_ttl = 2);
     app.login().await;
     let stale = app.idp.last_access_token().expect("at");
     app.idp.behave(|b| b.access_token_ttl = 3600);
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
     stale
 }
 

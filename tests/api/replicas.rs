@@ -67,7 +67,6 @@ async fn sixty_concurrent_calls_on_three_replicas_after_expiry_make_one_refresh_
     }
     wait_past(5).await;
     let statuses = concurrent_calls_over_replicas(&stack, 60).await;
-    eprintln!("DEBUG {:?} {}", statuses, stack.idp_stats().await);
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     assert_eq!(
         stack.refresh_grants().await,
