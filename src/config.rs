@@ -637,6 +637,40 @@ impl Config {
     }
 }
 
+/// Fetch: CORS-safelisted request headers, and headers only the browser sets (forbidden request
+/// headers, `Sec-` and `Proxy-` prefixes). None of them needs a preflight from a foreign origin.
+fn is_unsuitable_csrf_header(lower: &str) -> bool {
+    const NAMES: &[&str] = &[
+        "accept",
+        "accept-language",
+        "content-language",
+        "content-type",
+        "range",
+        "accept-charset",
+        "accept-encoding",
+        "access-control-request-headers",
+        "access-control-request-method",
+        "connection",
+        "content-length",
+        "cookie",
+        "cookie2",
+        "date",
+        "dnt",
+        "expect",
+        "host",
+        "keep-alive",
+        "origin",
+        "referer",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "user-agent",
+        "via",
+    ];
+    NAMES.contains(&lower) || lower.starts_with("sec-") || lower.starts_with("proxy-")
+}
+
 /// `TOKENGATE_OAUTH__CLIENT_SECRET=x` sets `oauth.client_secret`; `TOKENGATE_ROUTES__0__UPSTREAM`
 /// indexes arrays. Values are read as TOML when they look like arrays, tables, booleans or numbers,
 /// otherwise as strings.
@@ -1041,6 +1075,15 @@ fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
 
     // [csrf]
     let header = match http::HeaderName::from_bytes(raw.csrf.header.as_bytes()) {
+        // A header a cross-site request can carry without a CORS preflight (safelisted), or one
+        // the browser sets itself, proves nothing about who made the request.
+        Ok(h) if is_unsuitable_csrf_header(h.as_str()) => {
+            problems.push(format!(
+                "csrf.header: `{}` is sent by browsers on cross-site requests (CORS-safelisted or set by the browser itself); use a custom name such as X-CSRF",
+                raw.csrf.header
+            ));
+            None
+        }
         Ok(h) => Some(h),
         Err(_) => {
             problems.push(format!(

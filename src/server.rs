@@ -61,8 +61,6 @@ impl Drop for InFlight {
     }
 }
 
-const OVERLOADED: &str = "{\"error\":\"temporarily_unavailable\",\"error_description\":\"too many connections; try again shortly\"}";
-
 /// Serves `router` on `listener` until `shutdown` resolves; then drains (bounded): /readyz turns
 /// 503 while tokengate keeps accepting until no request is in flight (and at least
 /// `shutdown_delay`), then it stops accepting and lets open connections finish.
@@ -126,11 +124,18 @@ pub async fn run(
                 resp
             }
         });
-        let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
+        let io = SharedStream::new(stream);
+        let late = io.clone();
+        let conn = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(svc));
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
+                // hyper gives up on a request head that is too slow by closing the connection;
+                // a client that had started one is told why (an idle keep-alive one is not).
+                if e.is_timeout() && late.request_started() {
+                    late.answer_and_close(REQUEST_TIMEOUT).await;
+                }
             }
             drop(permit);
         });
@@ -155,17 +160,150 @@ pub async fn run(
 }
 
 /// Over the connection limit: a short 503 and close, without reading the request.
-async fn refuse(mut stream: tokio::net::TcpStream) {
-    let head = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\ncache-control: no-store\r\nconnection: close\r\n\r\n",
-        OVERLOADED.len()
-    );
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        let _ = stream.write_all(head.as_bytes()).await;
-        let _ = stream.write_all(OVERLOADED.as_bytes()).await;
-        let _ = stream.shutdown().await;
-    })
-    .await;
+async fn refuse(stream: tokio::net::TcpStream) {
+    SharedStream::new(stream).answer_and_close(OVERLOADED).await;
+}
+
+/// A canned answer written outside hyper: status line and JSON body.
+struct Canned {
+    status: &'static str,
+    body: &'static str,
+}
+
+const OVERLOADED: Canned = Canned {
+    status: "503 Service Unavailable",
+    body: "{\"error\":\"temporarily_unavailable\",\"error_description\":\"too many connections; try again shortly\"}",
+};
+
+const REQUEST_TIMEOUT: Canned = Canned {
+    status: "408 Request Timeout",
+    body: "{\"error\":\"invalid_request\",\"error_description\":\"the request headers did not arrive in time\"}",
+};
+
+/// The connection's socket, shared by hyper and the listener loop so that the loop can still
+/// answer on it after hyper has given up on the connection. Reads and writes go straight to the
+/// socket (readiness + `try_read`/`try_write`, as `TcpStream`'s own `AsyncRead` does).
+#[derive(Clone)]
+struct SharedStream(Arc<SharedInner>);
+
+struct SharedInner {
+    stream: tokio::net::TcpStream,
+    /// Bytes arrived since the last answer was written: a request (head) is under way.
+    started: AtomicBool,
+}
+
+impl SharedStream {
+    fn new(stream: tokio::net::TcpStream) -> Self {
+        Self(Arc::new(SharedInner {
+            stream,
+            started: AtomicBool::new(false),
+        }))
+    }
+
+    fn request_started(&self) -> bool {
+        self.0.started.load(Ordering::Relaxed)
+    }
+
+    async fn answer_and_close(mut self, canned: Canned) {
+        let msg = format!(
+            "HTTP/1.1 {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\ncache-control: no-store\r\nconnection: close\r\n\r\n{}",
+            canned.status,
+            canned.body.len(),
+            canned.body
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = self.write_all(msg.as_bytes()).await;
+            let _ = self.shutdown().await;
+        })
+        .await;
+    }
+}
+
+impl tokio::io::AsyncRead for SharedStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let inner = &self.0;
+        loop {
+            std::task::ready!(inner.stream.poll_read_ready(cx))?;
+            match inner.stream.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    if n > 0 {
+                        inner.started.store(true, Ordering::Relaxed);
+                    }
+                    buf.advance(n);
+                    return std::task::Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return std::task::Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for SharedStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.poll_write_with(cx, |s| s.try_write(data))
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.poll_write_with(cx, |s| s.try_write_vectored(bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = socket2::SockRef::from(&self.0.stream).shutdown(std::net::Shutdown::Write);
+        std::task::Poll::Ready(match r {
+            Err(e) if e.kind() == std::io::ErrorKind::NotConnected => Ok(()),
+            other => other,
+        })
+    }
+}
+
+impl SharedStream {
+    fn poll_write_with(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        mut write: impl FnMut(&tokio::net::TcpStream) -> std::io::Result<usize>,
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let inner = &self.0;
+        loop {
+            std::task::ready!(inner.stream.poll_write_ready(cx))?;
+            match write(&inner.stream) {
+                Ok(n) => {
+                    if n > 0 {
+                        inner.started.store(false, Ordering::Relaxed);
+                    }
+                    return std::task::Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return std::task::Poll::Ready(Err(e)),
+            }
+        }
+    }
 }
 
 /// A plain listener for `/metrics` alone (`server.metrics_listen`).

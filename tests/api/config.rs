@@ -285,3 +285,172 @@ async fn discovery_issuer_mismatch_keeps_the_app_unready() {
         "login redirected to a provider whose metadata failed validation"
     );
 }
+
+// ---- the command line: check, keygen, --help, --version ----
+
+fn text(out: &std::process::Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn help_and_version_print_and_exit_0() {
+    for flag in ["--help", "-h"] {
+        let out = run_binary(&[flag]).await;
+        let (stdout, _) = text(&out);
+        assert_eq!(out.status.code(), Some(0), "{flag}");
+        for needle in ["Usage:", "check", "keygen", "--config", "TOKENGATE_"] {
+            assert!(stdout.contains(needle), "{flag} lacks {needle}: {stdout}");
+        }
+    }
+    for flag in ["--version", "-V"] {
+        let out = run_binary(&[flag]).await;
+        let (stdout, _) = text(&out);
+        assert_eq!(out.status.code(), Some(0), "{flag}");
+        assert_eq!(
+            stdout.trim(),
+            format!("tokengate {}", env!("CARGO_PKG_VERSION"))
+        );
+    }
+    let out = run_binary(&["--frobnicate"]).await;
+    let (_, stderr) = text(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown flag is a usage error"
+    );
+    assert!(
+        stderr.contains("--frobnicate") && stderr.contains("Usage:"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn keygen_prints_a_fresh_32_byte_key_that_the_config_accepts() {
+    use base64::Engine;
+    let a = run_binary(&["keygen"]).await;
+    let b = run_binary(&["keygen"]).await;
+    assert_eq!(a.status.code(), Some(0));
+    let (ka, kb) = (text(&a).0.trim().to_string(), text(&b).0.trim().to_string());
+    assert_ne!(ka, kb, "two keys in a row are the same");
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(&ka)
+        .expect("keygen prints standard base64");
+    assert_eq!(bytes.len(), 32);
+    let toml = toml_with("http://127.0.0.1:8080", &format!("\"{ka}\""), "/api");
+    Config::load(&toml, no_env()).expect("the config takes the generated key");
+}
+
+#[tokio::test]
+async fn check_accepts_a_valid_config_and_warns_against_the_bff_recommendations() {
+    // Weak but valid: plain http, no keys, a public client, an upstream on a wildcard address
+    // and another in plain http across the network.
+    let weak = temp_file(
+        "weak.toml",
+        r#"
+[server]
+public_url = "http://app.example.com"
+[oauth]
+issuer = "http://127.0.0.1:9"
+client_id = "tg"
+client_auth = "none"
+scopes = ["openid"]
+[[routes]]
+prefix = "/api"
+upstream = "http://0.0.0.0:3000"
+[[routes]]
+prefix = "/other"
+upstream = "http://api.internal:3000"
+"#,
+    );
+    let out = run_binary(&["check", "--config", weak.to_str().expect("utf8")]).await;
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    for needle in [
+        "use https",
+        "session.keys is empty",
+        "confidential client",
+        "offline_access",
+        "wildcard",
+        "unencrypted",
+        "configuration is valid",
+    ] {
+        assert!(stdout.contains(needle), "check lacks `{needle}`:\n{stdout}");
+    }
+    assert!(
+        stdout
+            .lines()
+            .filter(|l| l.starts_with("warning: "))
+            .count()
+            >= 6
+    );
+
+    // What the recommendations ask for: no warning at all.
+    let strong = temp_file(
+        "strong.toml",
+        &format!(
+            r#"
+[server]
+public_url = "https://app.example.com"
+[oauth]
+issuer = "https://idp.example.com"
+client_id = "tg"
+client_secret = "s3cret-value"
+scopes = ["openid", "offline_access"]
+[session]
+keys = [{}]
+[[routes]]
+prefix = "/api"
+upstream = "https://api.example.com"
+"#,
+            good_key()
+        ),
+    );
+    let out = run_binary(&["check", "--config", strong.to_str().expect("utf8")]).await;
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("(0 warnings)"), "{stdout}");
+    assert!(!stdout.contains("s3cret-value"), "check prints the secret");
+
+    // An invalid one: exit 2, every problem named, as at start-up.
+    let bad = temp_file(
+        "bad-check.toml",
+        &toml_with("ftp://example.com", "\"dG9vIHNob3J0\"", "api"),
+    );
+    let out = run_binary(&["check", "--config", bad.to_str().expect("utf8")]).await;
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("public_url") && stderr.contains("keys"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_csrf_header_that_browsers_send_cross_site_is_refused() {
+    for name in [
+        "Content-Type",
+        "accept",
+        "User-Agent",
+        "Origin",
+        "Sec-Fetch-Site",
+        "Cookie",
+    ] {
+        let toml = format!(
+            "{}\n[csrf]\nheader = \"{name}\"\n",
+            toml_with("http://127.0.0.1:8080", &good_key(), "/api")
+        );
+        let err = match Config::load(&toml, no_env()) {
+            Ok(_) => panic!("csrf.header = {name} accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("csrf.header"), "{name}: {err}");
+    }
+    let toml = format!(
+        "{}\n[csrf]\nheader = \"X-Requested-By\"\n",
+        toml_with("http://127.0.0.1:8080", &good_key(), "/api")
+    );
+    Config::load(&toml, no_env()).expect("a custom header name is fine");
+}

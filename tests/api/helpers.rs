@@ -905,6 +905,8 @@ pub struct AppOptions {
     /// Extra TOML appended at the end of the config (e.g. `[server]` limits need their own
     /// table: use `server_lines`).
     pub server_lines: Vec<String>,
+    /// Extra TOML lines in the binary's `[log]` table (e.g. `format = "json"`).
+    pub log_lines: Vec<String>,
 }
 
 impl Default for AppOptions {
@@ -921,6 +923,7 @@ impl Default for AppOptions {
             redis_url: None,
             binary: false,
             server_lines: Vec::new(),
+            log_lines: Vec::new(),
         }
     }
 }
@@ -971,6 +974,13 @@ impl AppOptions {
     /// Run the real binary, capturing its log (stderr).
     pub fn binary(mut self) -> Self {
         self.binary = true;
+        self
+    }
+
+    /// A line in the binary's `[log]` table (implies [`AppOptions::binary`]).
+    pub fn log(mut self, line: &str) -> Self {
+        self.binary = true;
+        self.log_lines.push(line.to_owned());
         self
     }
     /// Extra TOML lines in the `[server]` table.
@@ -1025,14 +1035,17 @@ mod tempfile_path {
 }
 
 impl BinaryProcess {
-    fn start(config_toml: &str) -> BinaryProcess {
+    fn start(config_toml: &str, log_lines: &[String]) -> BinaryProcess {
         use std::io::BufRead;
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let path =
             std::env::temp_dir().join(format!("tokengate-test-{}-{n}.toml", std::process::id()));
         // Debug level for tokengate itself: the log test must see everything it could write.
-        let text = format!("{config_toml}\n[log]\nlevel = \"tokengate=debug,info\"\n");
+        let text = format!(
+            "{config_toml}\n[log]\nlevel = \"tokengate=debug,info\"\n{}\n",
+            log_lines.join("\n")
+        );
         std::fs::write(&path, text).expect("write config");
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tokengate"));
         // The test run's own environment must not reconfigure the binary.
@@ -1248,7 +1261,7 @@ upstream = "{dead}"
     let mut process = None;
     if opts.binary {
         drop(listener);
-        process = Some(BinaryProcess::start(&config_toml));
+        process = Some(BinaryProcess::start(&config_toml, &opts.log_lines));
     } else {
         tokio::spawn(async move {
             let shutdown = async move {

@@ -93,42 +93,105 @@ async fn logs_of_a_full_login_refresh_logout_never_contain_a_secret() {
     }
 }
 
-#[tokio::test]
-async fn sigterm_lets_in_flight_requests_finish_then_exits_0() {
-    let mut app = spawn_app_with(AppOptions::default().binary()).await;
-    app.login().await;
-    let slow = {
-        let req = app
-            .client
-            .get(app.url("/api/delay/1500"))
-            .header("X-CSRF", "1")
-            .send();
-        tokio::spawn(req)
-    };
-    // Wait until the request is in flight at the API.
-    for _ in 0..100 {
-        if app.api.requests().iter().any(|r| r.uri.contains("/delay/")) {
+/// Starts `n` slow API calls on the binary and waits until the API holds all of them.
+async fn slow_calls_in_flight(
+    app: &TestApp,
+    n: usize,
+    delay_ms: u64,
+) -> Vec<tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>> {
+    let calls: Vec<_> = (0..n)
+        .map(|i| {
+            let req = app
+                .client
+                .get(app.url(&format!("/api/delay/{delay_ms}?n={i}")))
+                .header("X-CSRF", "1")
+                .send();
+            tokio::spawn(req)
+        })
+        .collect();
+    for _ in 0..250 {
+        let held = app
+            .api
+            .requests()
+            .iter()
+            .filter(|r| r.uri.contains("/delay/"))
+            .count();
+        if held >= n {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let process = app.process.as_mut().expect("binary");
+    calls
+}
+
+fn signal(process: &BinaryProcess, sig: &str) {
     let status = std::process::Command::new("kill")
-        .arg("-TERM")
+        .arg(format!("-{sig}"))
         .arg(process.pid().to_string())
         .status()
         .expect("kill");
     assert!(status.success());
-    let resp = slow
-        .await
-        .expect("task")
-        .expect("the in-flight request was answered");
-    assert_eq!(resp.status(), 200, "the in-flight request completed");
+}
+
+async fn signal_drains_in_flight_requests_then_exits_0(sig: &str) {
+    let mut app = spawn_app_with(AppOptions::default().binary()).await;
+    app.login().await;
+    let calls = slow_calls_in_flight(&app, 5, 1500).await;
+    let process = app.process.as_mut().expect("binary");
+    signal(process, sig);
+    for call in calls {
+        let resp = call
+            .await
+            .expect("task")
+            .unwrap_or_else(|e| panic!("an in-flight request was dropped on SIG{sig}: {e}"));
+        assert_eq!(resp.status(), 200, "an in-flight request completed");
+    }
     let code = process.wait_exit(Duration::from_secs(10)).await;
-    assert_eq!(code, Some(0), "exit code after SIGTERM");
+    assert_eq!(code, Some(0), "exit code after SIG{sig}");
     assert!(
         TcpStream::connect(app.addr).await.is_err(),
         "no longer accepting connections"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_lets_in_flight_requests_finish_then_exits_0() {
+    signal_drains_in_flight_requests_then_exits_0("TERM").await;
+}
+
+#[tokio::test]
+async fn sigint_lets_in_flight_requests_finish_then_exits_0() {
+    signal_drains_in_flight_requests_then_exits_0("INT").await;
+}
+
+#[tokio::test]
+async fn shutdown_is_bounded_by_the_shutdown_timeout() {
+    let mut app = spawn_app_with(
+        AppOptions::default()
+            .binary()
+            .server("shutdown_timeout_s = 1"),
+    )
+    .await;
+    app.login().await;
+    // A call the API holds for a minute: far beyond the one-second drain bound.
+    let calls = slow_calls_in_flight(&app, 1, 60_000).await;
+    let process = app.process.as_mut().expect("binary");
+    signal(process, "TERM");
+    let code = process.wait_exit(Duration::from_secs(20)).await;
+    assert_eq!(
+        code,
+        Some(0),
+        "tokengate exits once the drain bound has passed"
+    );
+    let cut = calls
+        .into_iter()
+        .next()
+        .expect("one call")
+        .await
+        .expect("task");
+    assert!(
+        cut.is_err() || cut.is_ok_and(|r| r.status() != 200),
+        "the over-long request was cut, not completed"
     );
 }
 
@@ -172,8 +235,24 @@ async fn slow_headers_are_cut_off_after_the_header_read_timeout() {
     s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
         .await
         .expect("write");
-    let (_, closed) = read_until_close(&mut s, Duration::from_secs(10)).await;
+    let (answer, closed) = read_until_close(&mut s, Duration::from_secs(10)).await;
     assert!(closed, "a slowloris connection is closed by the server");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"error\":\"invalid_request\""), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+
+    // A kept-alive connection that simply goes quiet after its answer is closed without a 408.
+    let mut s = TcpStream::connect(app.addr).await.expect("connect");
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let (answer, closed) = read_until_close(&mut s, Duration::from_secs(10)).await;
+    assert!(closed, "an idle keep-alive connection is closed too");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        !answer.contains("408"),
+        "an idle connection got a 408: {answer}"
+    );
 }
 
 #[tokio::test]
@@ -355,4 +434,115 @@ async fn idp_down_at_start_login_is_503_json_then_service_resumes_when_it_comes_
         .expect("ascii")
         .to_owned();
     assert!(location.starts_with(idp.issuer()), "{location}");
+}
+
+#[tokio::test]
+async fn json_logs_carry_the_request_and_trace_ids_which_also_reach_the_api() {
+    let app = spawn_app_with(AppOptions::default().log("format = \"json\"")).await;
+    app.login().await;
+    let trace = "4bf92f3577b34da6a3ce929b0e0e4736";
+    let traceparent = format!("00-{trace}-00f067aa0ba902b7-01");
+    let resp = app
+        .client
+        .get(app.url("/api/traced"))
+        .header("X-CSRF", "1")
+        .header("X-Request-Id", "req-42.a")
+        .header("traceparent", &traceparent)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-request-id"], "req-42.a");
+    // The API sees the same ids: one request can be followed across both logs.
+    let seen = app.api.last();
+    assert_eq!(seen.header("x-request-id"), Some("req-42.a"));
+    assert_eq!(seen.header("traceparent"), Some(traceparent.as_str()));
+
+    // A generated id is sent upstream too.
+    let resp = app.get_api("/api/untraced").await;
+    let made = resp.headers()["x-request-id"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    assert_eq!(app.api.last().header("x-request-id"), Some(made.as_str()));
+
+    // Every log line is one JSON object; the request's line names its ids.
+    let mut logs = String::new();
+    for _ in 0..50 {
+        logs = app.process.as_ref().expect("binary").logs();
+        if logs.contains("/api/untraced") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lines: Vec<Value> = logs
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let line = lines
+        .iter()
+        .find(|v| v["path"] == "/api/traced" && v["message"] == "request")
+        .unwrap_or_else(|| panic!("no request line for /api/traced in:\n{logs}"));
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(line["level"], "INFO", "{line}");
+    let text = line.to_string();
+    assert!(text.contains("req-42.a"), "request id missing: {text}");
+    assert!(text.contains(trace), "trace id missing: {text}");
+    assert!(
+        lines
+            .iter()
+            .any(|v| v["path"] == "/api/untraced" && v.to_string().contains(&made)),
+        "generated id not logged"
+    );
+}
+
+#[tokio::test]
+async fn metrics_count_failures_by_reason_and_every_idp_endpoint() {
+    let app = spawn_app().await;
+    // A login that fails (unknown state), then one that completes.
+    let bad = app.callback(&[("code", "c"), ("state", "forged")]).await;
+    assert_eq!(bad.status(), 400);
+    app.login().await;
+    assert_eq!(app.get_userinfo().await.status(), 200);
+    // Upstream failures: unreachable (502) and too slow (504).
+    assert_eq!(app.get_api("/downapi/x").await.status(), 502);
+    assert_eq!(app.get_api("/slowapi/slow").await.status(), 504);
+    // A refresh the IdP fails (transient), then one it refuses (fatal).
+    app.idp.behave(|b| b.refresh = RefreshMode::ServerError);
+    assert_eq!(app.post_refresh().await.status(), 503);
+    tokio::time::sleep(Duration::from_millis(2100)).await; // past the back-off
+    app.idp.behave(|b| b.refresh = RefreshMode::InvalidGrant);
+    assert_eq!(app.post_refresh().await.status(), 401);
+    // A logout revokes at the IdP (after a fresh login).
+    app.idp.behave(|b| b.refresh = RefreshMode::Rotate);
+    app.login().await;
+    assert_eq!(app.post_logout().await.status(), 200);
+
+    let text = app
+        .raw_client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("GET")
+        .text()
+        .await
+        .expect("text");
+    for needle in [
+        r#"tokengate_logins_total{outcome="failed",reason="invalid_request"} 1"#,
+        r#"tokengate_logins_total{outcome="completed",reason=""} 2"#,
+        r#"tokengate_http_requests_total{route="/oauth-callback",method="GET",status="4xx"} 1"#,
+        r#"tokengate_upstream_errors_total{route="/downapi",kind="error"} 1"#,
+        r#"tokengate_upstream_errors_total{route="/slowapi",kind="timeout"} 1"#,
+        r#"tokengate_http_requests_total{route="/downapi",method="GET",status="5xx"} 1"#,
+        r#"tokengate_token_refreshes_total{outcome="transient"} 1"#,
+        r#"tokengate_token_refreshes_total{outcome="fatal"} 1"#,
+        r#"tokengate_idp_request_duration_seconds_count{endpoint="discovery",outcome="ok"}"#,
+        r#"tokengate_idp_request_duration_seconds_count{endpoint="jwks",outcome="ok"}"#,
+        r#"tokengate_idp_request_duration_seconds_count{endpoint="userinfo",outcome="ok"}"#,
+        r#"tokengate_idp_request_duration_seconds_count{endpoint="revocation",outcome="ok"}"#,
+        r#"tokengate_idp_request_duration_seconds_count{endpoint="token",outcome="error"}"#,
+    ] {
+        assert!(text.contains(needle), "missing {needle} in:\n{text}");
+    }
 }
