@@ -149,12 +149,12 @@ fn assert_same_origin(input: &str, public_url: &Url) -> Result<(), TestCaseError
     Ok(())
 }
 
-/// The known finding in one input (see `return_to_output_is_a_fixed_point`).
+/// The finding of `return_to_output_is_a_fixed_point` in one input (docs/fuzzing.md, fixed).
 #[test]
-#[ignore = "known finding: dot segments before an encoded // (docs/fuzzing.md)"]
 fn return_to_dot_segments_before_encoded_slashes() {
     let base = Url::parse("https://app.example.com").expect("url");
     let out = sanitize(Some("/x/../%2f%2fevil.com"), &base);
+    assert_eq!(out, "/", "dot segments must not produce an encoded //");
     assert_eq!(sanitize(Some(&out), &base), out, "gives {out:?}");
 }
 
@@ -168,11 +168,9 @@ proptest! {
     }
 
     /// What we redirect to must itself pass the check, or a layer that decodes the Location once
-    /// more (the threat return_to.rs guards against) sees `//host`. FAILS today (docs/fuzzing.md,
-    /// "Findings"): `/x/../%2f%2fevil.com` -> `/%2f%2fevil.com`, which `sanitize` itself refuses and
-    /// which decodes to `///evil.com` (off origin). Run with `cargo test --test properties -- --ignored`.
+    /// more (the threat return_to.rs guards against) sees `//host`. Found failing for
+    /// `/x/../%2f%2fevil.com` -> `/%2f%2fevil.com` (docs/fuzzing.md, "Findings"); fixed.
     #[test]
-    #[ignore = "known finding: dot segments before an encoded // (docs/fuzzing.md)"]
     fn return_to_output_is_a_fixed_point(input in candidate()) {
         let base = Url::parse("https://app.example.com").expect("url");
         let out = sanitize(Some(&input), &base);

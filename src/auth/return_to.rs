@@ -25,22 +25,12 @@ fn suspicious(s: &str) -> bool {
 }
 
 fn checked(candidate: &str, public_url: &Url) -> Option<String> {
-    if candidate.is_empty() || candidate.len() > MAX_LEN || suspicious(candidate) {
+    if candidate.is_empty()
+        || candidate.len() > MAX_LEN
+        || suspicious(candidate)
+        || !decoded_layers_ok(candidate)
+    {
         return None;
-    }
-    // Look through up to three layers of percent-encoding: an encoded `//`, `\`, control
-    // character or look-alike is refused as if it were plain (some servers and frameworks decode
-    // again before redirecting).
-    let mut layer = candidate.to_string();
-    for _ in 0..3 {
-        let decoded = percent_decode_str(&layer).decode_utf8_lossy().into_owned();
-        if decoded == layer {
-            break;
-        }
-        if suspicious(&decoded) || decoded.contains("/\\") || decoded.contains("\\/") {
-            return None;
-        }
-        layer = decoded;
     }
     // A path whose first segment is made of dots could resolve upwards into `//`.
     let resolved = public_url.join(candidate).ok()?;
@@ -56,7 +46,30 @@ fn checked(candidate: &str, public_url: &Url) -> Option<String> {
         out.push('?');
         out.push_str(q);
     }
+    // Resolving dot segments can bring encoded pieces together (`/x/../%2f%2fevil.com` becomes
+    // `/%2f%2fevil.com`): what we hand out must pass the same layer checks as what came in.
+    if !decoded_layers_ok(&out) {
+        return None;
+    }
     Some(out)
+}
+
+/// Looks through up to three layers of percent-encoding: an encoded `//`, `\`, control character
+/// or look-alike is refused as if it were plain (some servers and frameworks decode again before
+/// redirecting).
+fn decoded_layers_ok(s: &str) -> bool {
+    let mut layer = s.to_string();
+    for _ in 0..3 {
+        let decoded = percent_decode_str(&layer).decode_utf8_lossy().into_owned();
+        if decoded == layer {
+            break;
+        }
+        if suspicious(&decoded) || decoded.contains("/\\") || decoded.contains("\\/") {
+            return false;
+        }
+        layer = decoded;
+    }
+    true
 }
 
 #[cfg(test)]
