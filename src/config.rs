@@ -67,6 +67,7 @@ struct RawServer {
     max_header_bytes: usize,
     max_connections: usize,
     max_body_bytes: u64,
+    workers: usize,
 }
 
 impl Default for RawServer {
@@ -84,6 +85,7 @@ impl Default for RawServer {
             max_header_bytes: 64 * 1024,
             max_connections: 10_000,
             max_body_bytes: 0,
+            workers: 0,
         }
     }
 }
@@ -366,6 +368,8 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// API request bodies larger than this are answered 413 (0: no limit).
     pub max_body_bytes: u64,
+    /// Threads serving requests, each with its own event loop (0 in the file: one per core).
+    pub workers: usize,
 }
 
 impl ServerConfig {
@@ -837,6 +841,9 @@ fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
     if raw.server.max_connections == 0 {
         problems.push("server.max_connections: must be greater than 0".into());
     }
+    if raw.server.workers > 256 {
+        problems.push("server.workers: at most 256 (0 means one per core)".into());
+    }
     let mut trusted_proxies = Vec::new();
     for (i, c) in raw.server.trusted_proxies.iter().enumerate() {
         match Cidr::parse(c) {
@@ -1202,6 +1209,10 @@ fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
             max_header_bytes: raw.server.max_header_bytes,
             max_connections: raw.server.max_connections,
             max_body_bytes: raw.server.max_body_bytes,
+            workers: match raw.server.workers {
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                n => n,
+            },
         },
         oauth: OAuthConfig {
             issuer: issuer?,

@@ -30,56 +30,167 @@ pub mod state;
 pub mod telemetry;
 
 use std::future::Future;
+use std::sync::Arc;
 
 use config::Config;
 
+/// What serving needs besides the listener: the shared state and the limits, with the start-up
+/// warnings logged.
+struct Prepared {
+    state: state::AppState,
+    limits: server::Limits,
+}
+
+impl Prepared {
+    fn new(config: Config) -> anyhow::Result<Self> {
+        for w in &config.warnings {
+            tracing::warn!("{w}");
+        }
+        tracing::info!(config = %config.redacted_summary(), "starting");
+        let limits = server::Limits {
+            connections: Arc::new(tokio::sync::Semaphore::new(config.server.max_connections)),
+            header_read_timeout: config.server.header_read_timeout,
+            max_header_bytes: config.server.max_header_bytes,
+            shutdown_timeout: config.server.shutdown_timeout,
+            shutdown_delay: config.server.shutdown_delay,
+        };
+        Ok(Self {
+            state: state::AppState::new(config)?,
+            limits,
+        })
+    }
+
+    /// Starts the background work: IdP metadata/JWKS loading and the separate metrics listener.
+    async fn start_background(&self) -> anyhow::Result<Background> {
+        let loader = self.state.idp.spawn_loader();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let metrics = match self.state.config.server.metrics_listen {
+            Some(addr) => {
+                let l = tokio::net::TcpListener::bind(addr).await?;
+                tracing::info!(%addr, "metrics listening");
+                let mut rx = stop_rx;
+                Some(tokio::spawn(server::run_plain(
+                    l,
+                    app::metrics_app(self.state.clone()),
+                    async move {
+                        let _ = rx.wait_for(|s| *s).await;
+                    },
+                )))
+            }
+            None => None,
+        };
+        Ok(Background {
+            loader,
+            metrics,
+            stop_tx,
+        })
+    }
+
+    fn serve_one(
+        &self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> impl Future<Output = anyhow::Result<()>> {
+        server::run(
+            listener,
+            app::app(self.state.clone()),
+            self.limits.clone(),
+            Arc::clone(&self.state.lifecycle),
+            shutdown,
+        )
+    }
+}
+
+struct Background {
+    loader: tokio::task::JoinHandle<()>,
+    metrics: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    stop_tx: tokio::sync::watch::Sender<bool>,
+}
+
+impl Background {
+    async fn stop(self) {
+        let _ = self.stop_tx.send(true);
+        if let Some(t) = self.metrics {
+            let _ = t.await;
+        }
+        self.loader.abort();
+    }
+}
+
 /// Serves tokengate on `listener` until `shutdown` resolves, then finishes in-flight requests.
-/// The caller binds the listener (tests use `127.0.0.1:0`).
+/// The caller binds the listener (tests use `127.0.0.1:0`) and provides the runtime: everything
+/// runs on it.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    for w in &config.warnings {
-        tracing::warn!("{w}");
-    }
-    tracing::info!(config = %config.redacted_summary(), "starting");
-    let limits = server::Limits {
-        max_connections: config.server.max_connections,
-        header_read_timeout: config.server.header_read_timeout,
-        max_header_bytes: config.server.max_header_bytes,
-        shutdown_timeout: config.server.shutdown_timeout,
-        shutdown_delay: config.server.shutdown_delay,
-    };
-    let metrics_listen = config.server.metrics_listen;
-    let state = state::AppState::new(config)?;
-    let loader = state.idp.spawn_loader();
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let metrics_task = match metrics_listen {
-        Some(addr) => {
-            let l = tokio::net::TcpListener::bind(addr).await?;
-            tracing::info!(%addr, "metrics listening");
-            let mut rx = stop_rx.clone();
-            Some(tokio::spawn(server::run_plain(
-                l,
-                app::metrics_app(state.clone()),
-                async move {
-                    let _ = rx.wait_for(|s| *s).await;
-                },
-            )))
-        }
-        None => None,
-    };
-    let lifecycle = std::sync::Arc::clone(&state.lifecycle);
-    let router = app::app(state);
-    let result = server::run(listener, router, limits, lifecycle, shutdown).await;
-    let _ = stop_tx.send(true);
-    if let Some(t) = metrics_task {
-        let _ = t.await;
-    }
-    loader.abort();
-    drop(stop_rx);
+    let prepared = Prepared::new(config)?;
+    let background = prepared.start_background().await?;
+    let result = prepared.serve_one(listener, shutdown).await;
+    background.stop().await;
     result
+}
+
+/// The binary's way to serve: `server.workers` threads, each with its own single-threaded event
+/// loop accepting from `listener` (as nginx's workers do), so that a request, its upstream
+/// connection and its answer stay on one thread and never wake another. The calling thread runs
+/// the background work and waits for `shutdown`; then every worker drains (bounded) and this
+/// returns.
+pub fn serve_on_threads(
+    listener: std::net::TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let workers = config.server.workers.max(1);
+    listener.set_nonblocking(true)?;
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    control.block_on(async move {
+        let prepared = Arc::new(Prepared::new(config)?);
+        let background = prepared.start_background().await?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut done = Vec::with_capacity(workers);
+        for i in 0..workers {
+            let l = listener.try_clone()?;
+            let p = Arc::clone(&prepared);
+            let mut rx = stop_rx.clone();
+            let (tx, finished) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
+            std::thread::Builder::new()
+                .name(format!("tokengate-worker-{i}"))
+                .spawn(move || {
+                    let run = || -> anyhow::Result<()> {
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()?;
+                        rt.block_on(async move {
+                            let l = tokio::net::TcpListener::from_std(l)?;
+                            p.serve_one(l, async move {
+                                let _ = rx.wait_for(|s| *s).await;
+                            })
+                            .await
+                        })
+                    };
+                    let _ = tx.send(run());
+                })?;
+            done.push(finished);
+        }
+        drop(listener);
+        tracing::info!(workers, "serving");
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        let mut result = Ok(());
+        for finished in done {
+            match finished.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => result = Err(e),
+                Err(_) => result = Err(anyhow::anyhow!("a worker thread stopped unexpectedly")),
+            }
+        }
+        background.stop().await;
+        result
+    })
 }
 
 /// A fresh random session key, base64 (what `tokengate keygen` prints).

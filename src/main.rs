@@ -76,37 +76,25 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     tokengate::telemetry::init(&config.log);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
+    let listener = match std::net::TcpListener::bind(config.server.listen) {
+        Ok(l) => l,
         Err(e) => {
-            eprintln!("tokengate: cannot start the runtime: {e}");
+            tracing::error!(listen = %config.server.listen, error = %e, "cannot bind");
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(async move {
-        let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(listen = %config.server.listen, error = %e, "cannot bind");
-                return ExitCode::FAILURE;
-            }
-        };
-        let bound = listener
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        tracing::info!(listen = %bound, public_url = %config.server.public_url, "listening");
-        match tokengate::serve(listener, config, shutdown_signal()).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "stopped with an error");
-                ExitCode::FAILURE
-            }
+    let bound = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    tracing::info!(listen = %bound, public_url = %config.server.public_url, "listening");
+    match tokengate::serve_on_threads(listener, config, shutdown_signal()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "stopped with an error");
+            ExitCode::FAILURE
         }
-    })
+    }
 }
 
 async fn shutdown_signal() {

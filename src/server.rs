@@ -22,7 +22,8 @@ use tower::ServiceExt;
 /// Limits applied per connection.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    pub max_connections: usize,
+    /// One permit per open connection, shared by every worker (`server.max_connections`).
+    pub connections: Arc<Semaphore>,
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
     pub shutdown_timeout: Duration,
@@ -71,7 +72,7 @@ pub async fn run(
     lifecycle: Arc<Lifecycle>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let permits = Arc::clone(&limits.connections);
     let graceful = GracefulShutdown::new();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())

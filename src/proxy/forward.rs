@@ -108,8 +108,11 @@ async fn proxy(
     let upstream_req = http::Request::from_parts(parts, body);
 
     // send
-    let sent =
-        tokio::time::timeout(route.timeout, state.upstreams.client.request(upstream_req)).await;
+    let client = state
+        .upstreams
+        .client()
+        .map_err(|e| ApiError::internal(e.context("no upstream client")))?;
+    let sent = tokio::time::timeout(route.timeout, client.request(upstream_req)).await;
     let resp = match sent {
         Err(_) => {
             state.metrics.upstream_error(&route.prefix, "timeout");

@@ -14,37 +14,50 @@ use crate::config::RouteConfig;
 
 pub type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
 
-/// The routes and the one client they share.
+/// The routes, and a pooled client per thread: with a runtime per core (the binary), every
+/// upstream connection is driven on the thread whose requests use it, so a proxied call never
+/// wakes another thread.
 pub struct Upstreams {
     pub routes: Vec<RouteConfig>,
-    pub client: Client<HttpsConnector, Body>,
+    clients: thread_local::ThreadLocal<Client<HttpsConnector, Body>>,
     /// Each route's prefix as a `'static` metric label (made once at start-up).
     labels: Vec<&'static str>,
 }
 
+fn new_client() -> anyhow::Result<Client<HttpsConnector, Body>> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_secs(5)));
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(256)
+        .build(connector))
+}
+
 impl Upstreams {
     pub fn new(routes: &[RouteConfig]) -> anyhow::Result<Self> {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_secs(5)));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
-            .build(connector);
+        let clients = thread_local::ThreadLocal::new();
+        // Built once here so that a TLS set-up problem stops start-up, not the first request.
+        clients.get_or_try(new_client)?;
         Ok(Self {
             routes: routes.to_vec(),
-            client,
+            clients,
             labels: routes
                 .iter()
                 .map(|r| &*Box::leak(r.prefix.clone().into_boxed_str()))
                 .collect(),
         })
+    }
+
+    /// This thread's client.
+    pub fn client(&self) -> anyhow::Result<&Client<HttpsConnector, Body>> {
+        self.clients.get_or_try(new_client)
     }
 
     /// The metric label of `route` (one of `self.routes`).
