@@ -9,8 +9,15 @@ use super::tokens::{now_s, Session};
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// Re-issue the session cookie for the idle timeout at most this often (not on every request).
-const TOUCH_INTERVAL_S: u64 = 60;
+/// Re-save the session (sliding the idle timeout) at most this often, not on every request.
+const MAX_TOUCH_INTERVAL_S: u64 = 60;
+
+/// How often an active session is re-saved: every [`MAX_TOUCH_INTERVAL_S`] for long idle timeouts
+/// (few store writes), but at least four times per idle timeout, so that a session in use never
+/// reaches its idle timeout between two touches (e.g. `idle_timeout_s = 10`: every 2 s).
+pub fn touch_interval_s(idle: std::time::Duration) -> u64 {
+    (idle.as_secs() / 4).clamp(1, MAX_TOUCH_INTERVAL_S)
+}
 
 /// CSRF defence for state-changing and API requests:
 /// 1. the configured custom header must be present: a cross-site form or `<img>` cannot add it,
@@ -68,7 +75,7 @@ pub async fn optional_session(
         store.remove(cookies, Some(&session)).await;
         return Ok(None);
     }
-    if now.saturating_sub(session.last_seen) >= TOUCH_INTERVAL_S {
+    if now.saturating_sub(session.last_seen) >= touch_interval_s(cfg.idle_timeout) {
         session.last_seen = now;
         match store.save(cookies, &mut session).await {
             // Another request wrote the session meanwhile (e.g. a refresh): its write stands.
@@ -184,5 +191,22 @@ async fn refresh_now(
             "the authorization server is unavailable; try again shortly",
         )
         .with_cause(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::touch_interval_s;
+    use std::time::Duration;
+
+    #[test]
+    fn touch_interval_is_a_quarter_of_the_idle_timeout_between_1_and_60_s() {
+        let t = |s| touch_interval_s(Duration::from_secs(s));
+        assert_eq!(t(1), 1);
+        assert_eq!(t(3), 1);
+        assert_eq!(t(10), 2);
+        assert_eq!(t(120), 30);
+        assert_eq!(t(240), 60);
+        assert_eq!(t(3600), 60);
     }
 }

@@ -23,7 +23,7 @@ use tokio::sync::RwLock;
 use super::refresh::{grant, RefreshError};
 use super::seal::Sealer;
 use super::store::StoreError;
-use super::tokens::{now_s, Session};
+use super::tokens::Session;
 use crate::idp::{Idp, IdpError};
 
 /// How long one Redis call may take before the request gets a 503.
@@ -90,6 +90,13 @@ async fn bounded<T>(
         .await
         .map_err(|_| unavailable("call timed out"))?
         .map_err(unavailable)
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn session_key(sid: &str) -> String {
@@ -228,9 +235,17 @@ impl RedisStore {
         absolute: Duration,
     ) -> Result<(), StoreError> {
         let key = session_key(&session.id);
-        let now = now_s();
-        let left = session.absolute_deadline(absolute).saturating_sub(now);
-        let ttl_ms = idle.as_secs().min(left).max(1).saturating_mul(1000);
+        // In milliseconds: whole seconds would let the key outlive the absolute deadline by up
+        // to a second. Relative (PEXPIRE), so a clock difference between this host and Redis's
+        // does not move it; only the write's latency does.
+        let left_ms = session
+            .absolute_deadline(absolute)
+            .saturating_mul(1000)
+            .saturating_sub(now_ms());
+        let ttl_ms = u64::try_from(idle.as_millis())
+            .unwrap_or(u64::MAX)
+            .min(left_ms)
+            .max(1);
         let next = session.generation + 1;
         let mut stored = session.clone();
         stored.generation = next;
@@ -350,7 +365,9 @@ impl RedisStore {
         Ok(r.is_some())
     }
 
-    async fn try_lease(&self, sid: &str, owner: &str) -> Result<bool, StoreError> {
+    /// Takes the refresh lease of session `sid` for `owner` (a random token) unless someone holds
+    /// it; true when taken. Public for tests; [`Self::refresh_coordinated`] is the user.
+    pub async fn try_lease(&self, sid: &str, owner: &str) -> Result<bool, StoreError> {
         let r: Option<String> = self
             .query(
                 redis::cmd("SET")
@@ -364,13 +381,13 @@ impl RedisStore {
         Ok(r.is_some())
     }
 
-    async fn release_lease(&self, sid: &str, owner: &str) {
+    /// Releases the lease if `owner` still holds it (compare-and-delete in one script): a holder
+    /// whose lease expired and was taken by another replica must not delete that one's lease.
+    /// True when it was released.
+    pub async fn release_lease(&self, sid: &str, owner: &str) -> Result<bool, StoreError> {
         let mut inv = self.release.key(lease_key(sid));
         inv.arg(owner);
-        if let Err(e) = self.invoke::<i64>(inv).await {
-            // The lease expires by itself.
-            tracing::warn!(error = %e, "could not release the refresh lease");
-        }
+        Ok(self.invoke::<i64>(inv).await? == 1)
     }
 
     /// One refresh grant for the session across all replicas: the holder of the lease refreshes
@@ -399,7 +416,10 @@ impl RedisStore {
                 let result = self
                     .refresh_holding_lease(idp, session, idle, absolute)
                     .await;
-                self.release_lease(&session.id, &owner).await;
+                if let Err(e) = self.release_lease(&session.id, &owner).await {
+                    // The lease expires by itself.
+                    tracing::warn!(error = %e, "could not release the refresh lease");
+                }
                 return result;
             }
             // Someone else is refreshing: wait for their write.

@@ -2753,7 +2753,8 @@ async fn case_095_redis_down_is_503_never_anonymous_never_a_cleared_cookie() {
                 .all(|c| !(is_session_cookie_name(&c.name) && c.is_removal())),
             "{url}: the session cookie was cleared during an outage"
         );
-        assert_json_error(resp, 503).await;
+        let v = assert_json_error(resp, 503).await;
+        assert_eq!(v["error"], "temporarily_unavailable", "{url}: {v}");
     }
     assert_eq!(
         stack.cookie_header(),
@@ -2777,6 +2778,21 @@ async fn case_095_redis_down_is_503_never_anonymous_never_a_cleared_cookie() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(back, "the session came back with Redis (pool reconnected)");
+    let mut ready = false;
+    for _ in 0..100 {
+        let r = stack
+            .browser
+            .get(format!("{b}/readyz"))
+            .send()
+            .await
+            .expect("readyz");
+        if r.status() == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "/readyz is 200 again after Redis returned");
     // "No such key" is told apart from "backend error": a session lost from the store is 401.
     let mut c = redis_conn(&redis.url()).await;
     let _: () = redis::cmd("FLUSHALL")

@@ -14,6 +14,7 @@ mod logout;
 mod oidc_provider;
 mod operations;
 mod proxy;
+mod redis_gaps;
 mod redis_server;
 mod refresh;
 mod replicas;

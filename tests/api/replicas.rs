@@ -195,6 +195,18 @@ async fn redis_outage_answers_503_and_recovers_with_sessions_intact() {
         down.iter().all(|s| *s == 503),
         "while Redis is down: {down:?}"
     );
+    for path in ["/userinfo", "/api/down"] {
+        let r = stack
+            .browser
+            .get(format!("{}{path}", stack.bases[2]))
+            .header("X-CSRF", "1")
+            .send()
+            .await
+            .expect("call while down");
+        assert_eq!(r.status(), 503, "{path}");
+        let body: Value = r.json().await.expect("json error body");
+        assert_eq!(body["error"], "temporarily_unavailable", "{path}: {body}");
+    }
     let r = stack
         .browser
         .get(format!("{}/readyz", stack.base))
@@ -233,4 +245,21 @@ async fn redis_outage_answers_503_and_recovers_with_sessions_intact() {
         .await
         .expect("userinfo");
     assert_eq!(r.status(), 200, "the session survived the outage");
+    for base in &stack.bases {
+        let mut ready = false;
+        for _ in 0..100 {
+            let r = stack
+                .browser
+                .get(format!("{base}/readyz"))
+                .send()
+                .await
+                .expect("readyz");
+            if r.status() == 200 {
+                ready = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(ready, "{base}: /readyz is 200 again after Redis returned");
+    }
 }

@@ -1,5 +1,6 @@
 //! The Redis store with the fake IdP: OIDC Back-Channel Logout tokens (valid, replayed, wrong
-//! audience, carrying a nonce, without the event, without sub and sid, badly signed), the cookie
+//! audience, carrying a nonce, without the event, without sub and sid, badly signed, issued too
+//! long ago or in the future), the cookie
 //! store's 501, and login states that are single use across replicas.
 
 use serde_json::{json, Value};
@@ -151,6 +152,46 @@ async fn replayed_or_invalid_logout_tokens_are_400_and_end_nothing() {
     let token = sign(&idp, &logout_claims(&idp));
     assert_eq!(post_logout_token(&a, &token).await.status(), 200);
     assert_json_error(post_logout_token(&b, &token).await, 400).await;
+}
+
+/// OIDC Back-Channel Logout §2.6 item 7 (`iat`): a token issued longer ago than we accept (10
+/// minutes, plus the clock skew) is refused even while its `exp` is still in the future, and so
+/// is one issued in the future beyond the clock skew (60 s here). Nothing ends; a token with an
+/// `iat` inside the window does end the session (the control).
+#[tokio::test]
+async fn logout_tokens_with_a_stale_or_future_iat_are_400_and_end_nothing() {
+    let redis = RedisServer::start().await;
+    let (a, b) = two_replicas(&redis).await;
+    let idp = a.idp.clone();
+    let now = unix_now();
+    let mut old = logout_claims(&idp);
+    old["iat"] = json!(now - 700);
+    old["exp"] = json!(now + 120);
+    let mut future = logout_claims(&idp);
+    future["iat"] = json!(now + 300);
+    future["exp"] = json!(now + 600);
+    for (what, claims) in [("old iat", &old), ("future iat", &future)] {
+        let v = assert_json_error(post_logout_token(&a, &sign(&idp, claims)).await, 400).await;
+        assert_eq!(v["error"], "invalid_request", "{what}");
+        assert_eq!(
+            a.get_userinfo().await.status(),
+            200,
+            "{what}: nothing ended"
+        );
+        assert_eq!(
+            b.get_userinfo().await.status(),
+            200,
+            "{what}: nothing ended"
+        );
+    }
+    let mut recent = logout_claims(&idp);
+    recent["iat"] = json!(now - 300);
+    assert_eq!(
+        post_logout_token(&a, &sign(&idp, &recent)).await.status(),
+        200
+    );
+    assert_eq!(a.get_userinfo().await.status(), 401);
+    assert_eq!(b.get_userinfo().await.status(), 401);
 }
 
 #[tokio::test]
