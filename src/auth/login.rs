@@ -26,6 +26,10 @@ pub struct LoginTx {
     pub verifier: String,
     pub return_to: String,
     pub created_at: u64,
+    /// When the login started, in Unix nanoseconds: orders the logins a browser starts within
+    /// one second, so the pending-login cap drops the oldest (0 in cookies from older versions).
+    #[serde(default)]
+    pub started_ns: u64,
 }
 
 /// 256 random bits, base64url (43 characters).
@@ -33,6 +37,13 @@ pub fn random_token() -> String {
     let mut b = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut b);
     URL_SAFE_NO_PAD.encode(b)
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 /// True for values we could have generated with [`random_token`]: keeps the cookie-name lookup
@@ -65,6 +76,7 @@ pub async fn login(
         verifier: verifier.secret().clone(),
         return_to,
         created_at: now_s(),
+        started_ns: now_ns(),
     };
 
     let rules = state.store.rules();
@@ -146,14 +158,14 @@ fn drop_excess_transactions(state: &AppState, cookies: &Cookies) {
     let rules = state.store.rules();
     let cfg = &state.config.oauth;
     let now = now_s();
-    let mut live: Vec<(u64, String)> = Vec::new();
+    let mut live: Vec<((u64, u64), String)> = Vec::new();
     for name in rules.tx_names(cookies) {
         let created = cookies
             .get(&name)
             .and_then(|c| state.sealer.open(name.as_bytes(), c.value()))
             .and_then(|p| serde_json::from_slice::<LoginTx>(&p).ok())
-            .map(|tx| tx.created_at)
-            .filter(|&t| now.saturating_sub(t) < cfg.login_transaction_ttl.as_secs());
+            .filter(|tx| now.saturating_sub(tx.created_at) < cfg.login_transaction_ttl.as_secs())
+            .map(|tx| (tx.created_at, tx.started_ns));
         match created {
             Some(t) => live.push((t, name)),
             None => rules.clear_tx(cookies, &name),

@@ -36,6 +36,8 @@ const RSA1_PEM: &str = include_str!("../fixtures/idp_rsa_1.pem");
 const RSA1_PUB_PEM: &str = include_str!("../fixtures/idp_rsa_1.pub.pem");
 const RSA2_PEM: &str = include_str!("../fixtures/idp_rsa_2.pem");
 const EC1_PEM: &str = include_str!("../fixtures/idp_ec_1.pem");
+const ED1_PEM: &str = include_str!("../fixtures/idp_ed25519_1.pem");
+const ED1_PUB_PEM: &str = include_str!("../fixtures/idp_ed25519_1.pub.pem");
 
 /// How long any "wait until" loop in the harness may take before the test fails.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -74,6 +76,10 @@ pub enum Signer {
     Rsa2,
     /// ES256 with the published EC key `ec1`.
     Ec1,
+    /// PS256 (RSASSA-PSS) with the first RSA key, as `ps1` (publish `PublishedKey::Rsa1Ps256`).
+    Ps256,
+    /// EdDSA with the Ed25519 key `ed1` (publish `PublishedKey::Ed25519`).
+    Ed25519,
     /// `alg: none`, empty signature.
     AlgNone,
     /// HS256 keyed with the given secret.
@@ -88,6 +94,21 @@ pub enum PublishedKey {
     Rsa1,
     Rsa2,
     Ec1,
+    /// The first RSA key again, as kid `ps1` with `alg: PS256`.
+    Rsa1Ps256,
+    /// An OKP (Ed25519) key, kid `ed1`, `alg: EdDSA`.
+    Ed25519,
+}
+
+/// Which metadata documents the fake IdP serves.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum DiscoveryMode {
+    /// `/.well-known/openid-configuration` only (the normal case).
+    Oidc,
+    /// Only RFC 8414 `/.well-known/oauth-authorization-server`; OIDC discovery is 404.
+    Rfc8414Only,
+    /// No metadata at all (both 404): endpoints must be configured explicitly.
+    Unavailable,
 }
 
 /// What the refresh_token grant does.
@@ -131,6 +152,11 @@ pub struct Behaviour {
     pub refresh: RefreshMode,
     /// Sleep before answering a refresh_token grant (widens race windows; never asserted on).
     pub refresh_delay: Duration,
+    /// Which discovery documents are served.
+    pub discovery: DiscoveryMode,
+    /// Treat the client as public (RFC 6749 §2.1): the token endpoint wants `client_id` in the
+    /// body and no secret, instead of client_secret_basic/post.
+    pub public_client: bool,
 }
 
 impl Default for Behaviour {
@@ -152,6 +178,8 @@ impl Default for Behaviour {
             access_token_ttl: 3600,
             refresh: RefreshMode::Rotate,
             refresh_delay: Duration::ZERO,
+            discovery: DiscoveryMode::Oidc,
+            public_client: false,
         }
     }
 }
@@ -221,6 +249,7 @@ pub struct IdpInner {
     userinfo_calls: AtomicUsize,
     jwks_fetches: AtomicUsize,
     discovery_fetches: AtomicUsize,
+    rfc8414_fetches: AtomicUsize,
     attacker_jwks_fetches: AtomicUsize,
 }
 
@@ -249,10 +278,15 @@ impl FakeIdp {
             userinfo_calls: AtomicUsize::new(0),
             jwks_fetches: AtomicUsize::new(0),
             discovery_fetches: AtomicUsize::new(0),
+            rfc8414_fetches: AtomicUsize::new(0),
             attacker_jwks_fetches: AtomicUsize::new(0),
         });
         let router = Router::new()
             .route("/.well-known/openid-configuration", get(idp_discovery))
+            .route(
+                "/.well-known/oauth-authorization-server",
+                get(idp_rfc8414_metadata),
+            )
             .route("/jwks", get(idp_jwks))
             .route("/attacker-jwks", get(idp_attacker_jwks))
             .route("/authorize", get(|| async { "fake authorize page" }))
@@ -343,6 +377,16 @@ impl FakeIdp {
         self.0.attacker_jwks_fetches.load(Ordering::SeqCst)
     }
 
+    /// Requests for `/.well-known/openid-configuration` (answered or 404).
+    pub fn discovery_fetches(&self) -> usize {
+        self.0.discovery_fetches.load(Ordering::SeqCst)
+    }
+
+    /// Requests for the RFC 8414 `/.well-known/oauth-authorization-server` (answered or 404).
+    pub fn rfc8414_fetches(&self) -> usize {
+        self.0.rfc8414_fetches.load(Ordering::SeqCst)
+    }
+
     pub fn jwks_fetches(&self) -> usize {
         self.0.jwks_fetches.load(Ordering::SeqCst)
     }
@@ -420,6 +464,12 @@ pub fn sign_jwt(b: &Behaviour, claims: &Value) -> String {
         Signer::Rsa1 => (Algorithm::RS256, rsa_encoding_key(RSA1_PEM), Some("k1")),
         Signer::Rsa2 => (Algorithm::RS256, rsa_encoding_key(RSA2_PEM), Some("k2")),
         Signer::Ec1 => (Algorithm::ES256, ec_encoding_key(EC1_PEM), Some("ec1")),
+        Signer::Ps256 => (Algorithm::PS256, rsa_encoding_key(RSA1_PEM), Some("ps1")),
+        Signer::Ed25519 => (
+            Algorithm::EdDSA,
+            EncodingKey::from_ed_pem(ED1_PEM.as_bytes()).expect("ed25519 fixture"),
+            Some("ed1"),
+        ),
         Signer::Hs256(secret) => (
             Algorithm::HS256,
             EncodingKey::from_secret(secret.as_bytes()),
@@ -482,6 +532,21 @@ fn rsa_jwk(pem: &str, kid: &str) -> Value {
     })
 }
 
+/// The OKP JWK (RFC 8037 §2) of an Ed25519 public key: `x` is the raw 32-byte key, the tail of
+/// its SubjectPublicKeyInfo DER.
+fn ed25519_jwk(pub_pem: &str, kid: &str) -> Value {
+    let b64: String = pub_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let der = STANDARD.decode(b64.trim()).expect("ed25519 public fixture");
+    let x = &der[der.len() - 32..];
+    json!({
+        "kty": "OKP", "crv": "Ed25519", "kid": kid, "use": "sig", "alg": "EdDSA",
+        "x": URL_SAFE_NO_PAD.encode(x),
+    })
+}
+
 fn ec_jwk(pem: &str, kid: &str) -> Value {
     use p256::pkcs8::DecodePrivateKey;
     let key = p256::SecretKey::from_pkcs8_pem(pem).expect("ec fixture");
@@ -507,6 +572,23 @@ fn form_params(body: &[u8]) -> Vec<(String, String)> {
 async fn idp_discovery(State(idp): State<Arc<IdpInner>>) -> Response {
     idp.discovery_fetches.fetch_add(1, Ordering::SeqCst);
     let b = idp.behaviour.lock().expect("lock").clone();
+    if b.discovery != DiscoveryMode::Oidc {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    Json(metadata_document(&idp, &b)).into_response()
+}
+
+/// RFC 8414 §3: served only in `DiscoveryMode::Rfc8414Only`.
+async fn idp_rfc8414_metadata(State(idp): State<Arc<IdpInner>>) -> Response {
+    idp.rfc8414_fetches.fetch_add(1, Ordering::SeqCst);
+    let b = idp.behaviour.lock().expect("lock").clone();
+    if b.discovery != DiscoveryMode::Rfc8414Only {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    Json(metadata_document(&idp, &b)).into_response()
+}
+
+fn metadata_document(idp: &IdpInner, b: &Behaviour) -> Value {
     let base = &idp.base_url;
     let mut doc = json!({
         "issuer": b.metadata_issuer_override.clone().unwrap_or_else(|| base.clone()),
@@ -530,7 +612,7 @@ async fn idp_discovery(State(idp): State<Arc<IdpInner>>) -> Response {
     if b.end_session_supported {
         doc["end_session_endpoint"] = json!(format!("{base}/end-session"));
     }
-    Json(doc).into_response()
+    doc
 }
 
 async fn idp_attacker_jwks(State(idp): State<Arc<IdpInner>>) -> Response {
@@ -548,13 +630,27 @@ async fn idp_jwks(State(idp): State<Arc<IdpInner>>) -> Response {
             PublishedKey::Rsa1 => rsa_jwk(RSA1_PEM, "k1"),
             PublishedKey::Rsa2 => rsa_jwk(RSA2_PEM, "k2"),
             PublishedKey::Ec1 => ec_jwk(EC1_PEM, "ec1"),
+            PublishedKey::Rsa1Ps256 => {
+                let mut k = rsa_jwk(RSA1_PEM, "ps1");
+                k["alg"] = json!("PS256");
+                k
+            }
+            PublishedKey::Ed25519 => ed25519_jwk(ED1_PUB_PEM, "ed1"),
         })
         .collect();
     Json(json!({ "keys": keys })).into_response()
 }
 
-/// RFC 6749 §2.3.1: client_secret_basic or client_secret_post.
-fn client_authenticated(headers: &HeaderMap, params: &[(String, String)]) -> bool {
+/// RFC 6749 §2.3.1: client_secret_basic or client_secret_post; for a public client (§2.1),
+/// `client_id` in the body and no credentials at all.
+fn client_authenticated(b: &Behaviour, headers: &HeaderMap, params: &[(String, String)]) -> bool {
+    if b.public_client {
+        let get = |n: &str| params.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+        return !headers.contains_key("authorization")
+            && get("client_id") == Some(CLIENT_ID)
+            && get("client_secret").is_none()
+            && get("client_assertion").is_none();
+    }
     if let Some(auth) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
         let Some(b64) = auth
             .strip_prefix("Basic ")
@@ -599,7 +695,7 @@ async fn idp_token(State(idp): State<Arc<IdpInner>>, headers: HeaderMap, body: B
     if !b.token_delay.is_zero() {
         tokio::time::sleep(b.token_delay).await;
     }
-    if !client_authenticated(&headers, &params) {
+    if !client_authenticated(&b, &headers, &params) {
         return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client");
     }
     let get = |n: &str| params.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
@@ -907,6 +1003,10 @@ pub struct AppOptions {
     pub server_lines: Vec<String>,
     /// Extra TOML lines in the binary's `[log]` table (e.g. `format = "json"`).
     pub log_lines: Vec<String>,
+    /// Leave `oauth.client_secret` out of the config (a public client).
+    pub no_client_secret: bool,
+    /// Extra TOML (whole tables, e.g. `[csrf]` or another `[[routes]]`), placed after `[session]`.
+    pub extra_toml: Vec<String>,
 }
 
 impl Default for AppOptions {
@@ -924,6 +1024,8 @@ impl Default for AppOptions {
             binary: false,
             server_lines: Vec::new(),
             log_lines: Vec::new(),
+            no_client_secret: false,
+            extra_toml: Vec::new(),
         }
     }
 }
@@ -986,6 +1088,16 @@ impl AppOptions {
     /// Extra TOML lines in the `[server]` table.
     pub fn server(mut self, line: &str) -> Self {
         self.server_lines.push(line.to_owned());
+        self
+    }
+    /// No `oauth.client_secret` in the config.
+    pub fn without_client_secret(mut self) -> Self {
+        self.no_client_secret = true;
+        self
+    }
+    /// Extra TOML tables after `[session]` (e.g. `[csrf]`, another `[[routes]]`).
+    pub fn toml(mut self, text: &str) -> Self {
+        self.extra_toml.push(text.to_owned());
         self
     }
     pub fn no_wait(mut self) -> Self {
@@ -1222,7 +1334,7 @@ static_dir = "{static_dir}"
 [oauth]
 issuer = "{issuer}"
 client_id = "{CLIENT_ID}"
-client_secret = "{CLIENT_SECRET}"
+{client_secret_line}
 scopes = ["openid", "profile", "offline_access"]
 {oauth_lines}
 
@@ -1230,6 +1342,8 @@ scopes = ["openid", "profile", "offline_access"]
 {store_lines}
 keys = [{keys}]
 {session_lines}
+
+{extra_toml}
 
 [[routes]]
 prefix = "/api"
@@ -1253,6 +1367,12 @@ upstream = "{dead}"
         oauth_lines = opts.oauth_lines.join("\n"),
         session_lines = opts.session_lines.join("\n"),
         server_lines = opts.server_lines.join("\n"),
+        extra_toml = opts.extra_toml.join("\n"),
+        client_secret_line = if opts.no_client_secret {
+            String::new()
+        } else {
+            format!("client_secret = \"{CLIENT_SECRET}\"")
+        },
         api_url = api.url(),
     );
     let config = tokengate::config::Config::load(&config_toml, Vec::<(String, String)>::new())

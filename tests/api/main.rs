@@ -8,6 +8,7 @@ mod hostile_51_100;
 
 mod callback;
 mod config;
+mod core_gaps;
 mod csrf;
 mod login;
 mod logout;
