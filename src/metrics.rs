@@ -15,6 +15,8 @@ type Labels = Vec<(&'static str, String)>;
 /// Per-request labels: all static, so counting a request allocates nothing.
 type HttpLabels = [(&'static str, &'static str); 3];
 type HttpTimeLabels = [(&'static str, &'static str); 2];
+/// The session store's labels (every request loads a session): static too.
+type OpLabels = [(&'static str, &'static str); 1];
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
     [
@@ -35,8 +37,8 @@ pub struct Metrics {
     logins: Family<Labels, Counter>,
     refreshes: Family<Labels, Counter>,
     upstream_errors: Family<Labels, Counter>,
-    store_seconds: Family<Labels, Histogram, fn() -> Histogram>,
-    store_errors: Family<Labels, Counter>,
+    store_seconds: Family<OpLabels, Histogram, fn() -> Histogram>,
+    store_errors: Family<OpLabels, Counter>,
     idp_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     pending_logins: Gauge,
 }
@@ -87,14 +89,14 @@ impl Metrics {
             "API calls that failed, by route and kind (error, timeout)",
             upstream_errors.clone(),
         );
-        let store_seconds: Family<Labels, Histogram, fn() -> Histogram> =
+        let store_seconds: Family<OpLabels, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(new_histogram);
         r.register(
             "session_store_duration_seconds",
             "Session store operation latency, by operation",
             store_seconds.clone(),
         );
-        let store_errors = Family::<Labels, Counter>::default();
+        let store_errors = Family::<OpLabels, Counter>::default();
         r.register(
             "session_store_errors",
             "Session store operations that failed, by operation",
@@ -177,12 +179,10 @@ impl Metrics {
 
     pub fn store_op(&self, op: &'static str, took: Duration, ok: bool) {
         self.store_seconds
-            .get_or_create(&vec![("op", op.into())])
+            .get_or_create(&[("op", op)])
             .observe(took.as_secs_f64());
         if !ok {
-            self.store_errors
-                .get_or_create(&vec![("op", op.into())])
-                .inc();
+            self.store_errors.get_or_create(&[("op", op)]).inc();
         }
     }
 

@@ -27,6 +27,8 @@ pub struct Shared {
     pub config: Arc<Config>,
     /// `public_url`'s origin as browsers send it in `Origin`.
     pub origin: Arc<str>,
+    /// `public_url`'s `host[:port]`, for `X-Forwarded-Host`.
+    pub public_host: Box<str>,
     pub idp: Arc<Idp>,
     /// Seals cookies other than the session (login transactions).
     pub sealer: Sealer,
@@ -67,6 +69,15 @@ impl Shared {
         let upstreams = Arc::new(Upstreams::new(&config.routes)?);
         Ok(Self {
             origin: config.server.origin().into(),
+            public_host: {
+                let u = &config.server.public_url;
+                match (u.host_str(), u.port()) {
+                    (Some(h), Some(p)) => format!("{h}:{p}"),
+                    (Some(h), None) => h.to_string(),
+                    _ => String::new(),
+                }
+                .into()
+            },
             config: Arc::new(config),
             idp,
             sealer,

@@ -31,8 +31,8 @@ pub async fn fallback(
     if !is_clean(path) {
         return ApiError::invalid_request("the request path is not allowed").into_response();
     }
-    match state.upstreams.route_for(path).cloned() {
-        Some(route) => match proxy(&state, &route, peer, &cookies, req).await {
+    match state.upstreams.route_for(path) {
+        Some(route) => match proxy(&state, route, peer, &cookies, req).await {
             Ok(r) => r,
             Err(e) => e.into_response(),
         },
@@ -101,7 +101,7 @@ async fn proxy(
         peer.ip(),
         trusted,
         cfg.public_url.scheme(),
-        public_host(&cfg.public_url).as_str(),
+        &state.public_host,
     );
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
@@ -157,14 +157,6 @@ fn caused_by<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'stati
         cur = err.source();
     }
     false
-}
-
-fn public_host(u: &url::Url) -> String {
-    match (u.host_str(), u.port()) {
-        (Some(h), Some(p)) => format!("{h}:{p}"),
-        (Some(h), None) => h.to_string(),
-        _ => String::new(),
-    }
 }
 
 /// The SPA: files from `server.static_dir`; unknown paths of HTML navigations get `index.html`

@@ -102,11 +102,18 @@ const SPOOFABLE_PREFIXES: &[&str] = &["x-auth-request-", "oidc-claim-", "x-amzn-
 /// Whether a client-sent header could pass for identity asserted by an auth proxy. Names are
 /// compared lower-case with `_` read as `-`, because some servers treat them alike.
 fn spoofable(name: &str) -> bool {
-    let n = name.to_ascii_lowercase().replace('_', "-");
-    SPOOFABLE_IDENTITY.contains(&n.as_str())
-        || SPOOFABLE_PREFIXES.iter().any(|p| n.starts_with(p))
-        || n.starts_with("oidc-access-token")
-        || n.starts_with("oidc-id-token")
+    // Compared byte by byte (no allocation: this runs for every header of every API call).
+    let same = |b: u8, want: u8| b.to_ascii_lowercase() == want || (b == b'_' && want == b'-');
+    let is = |want: &str| {
+        name.len() == want.len() && name.bytes().zip(want.bytes()).all(|(b, w)| same(b, w))
+    };
+    let starts = |want: &str| {
+        name.len() >= want.len() && name.bytes().zip(want.bytes()).all(|(b, w)| same(b, w))
+    };
+    SPOOFABLE_IDENTITY.iter().any(|n| is(n))
+        || SPOOFABLE_PREFIXES.iter().any(|p| starts(p))
+        || starts("oidc-access-token")
+        || starts("oidc-id-token")
 }
 
 /// Drops the browser's `Authorization`, spoofable identity headers and every header with an
@@ -243,6 +250,35 @@ mod tests {
         let mut only_ours = map(&[("cookie", "tg_session=abc")]);
         strip_our_cookies(&mut only_ours, &rules);
         assert!(!only_ours.contains_key("cookie"));
+    }
+
+    #[test]
+    fn spoofable_names_match_in_any_case_and_with_underscores() {
+        for n in [
+            "x-forwarded-user",
+            "X-Forwarded-User",
+            "X_FORWARDED_USER",
+            "x-auth-request-email",
+            "OIDC_CLAIM_sub",
+            "oidc-claim-email",
+            "x-amzn-oidc-data",
+            "X-User-Id",
+            "oidc-access-token",
+            "remote_user",
+        ] {
+            assert!(spoofable(n), "{n}");
+        }
+        for n in [
+            "x-forwarded-for",
+            "x-forwarded-userx",
+            "x-forwarded-use",
+            "accept",
+            "x-users",
+            "remote",
+            "",
+        ] {
+            assert!(!spoofable(n), "{n}");
+        }
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //!
 //! Swapping the backend edits `store*.rs` only.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tower_cookies::Cookies;
@@ -57,7 +58,61 @@ pub struct SessionStore {
     absolute: Duration,
     idle: Duration,
     metrics: Arc<Metrics>,
+    opened: Arc<OpenedCache>,
 }
+
+/// Cookie-store sessions already opened, by their sealed cookie value. A browser sends the same
+/// cookie with every API call, and opening it (base64, XChaCha20-Poly1305, JSON) is the cookie
+/// store's main cost per request. A sealed value always opens to the same session, so an entry
+/// never goes stale: idle and absolute timeouts are still checked on every load, and a value
+/// that was never opened here is opened (and authenticated) as before. Bounded; emptied when full.
+#[derive(Default)]
+struct OpenedCache {
+    map: Mutex<HashMap<u64, (Box<str>, Session)>>,
+}
+
+impl std::fmt::Debug for OpenedCache {
+    // Entries hold cookie values: never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.map.lock().map_or(0, |m| m.len());
+        write!(f, "OpenedCache({n} entries)")
+    }
+}
+
+/// At most this many opened sessions are kept (a few MB).
+const OPENED_MAX: usize = 1024;
+
+impl OpenedCache {
+    /// The sealed value's tail is its AEAD tag (random per seal): enough to find the entry,
+    /// which then must match the whole value.
+    fn key(sealed: &str) -> u64 {
+        use std::hash::{BuildHasher, Hasher};
+        let tail = &sealed.as_bytes()[sealed.len().saturating_sub(24)..];
+        let mut h = RANDOM_STATE.build_hasher();
+        h.write(tail);
+        h.finish()
+    }
+
+    fn get(&self, sealed: &str) -> Option<Session> {
+        let map = self.map.lock().ok()?;
+        match map.get(&Self::key(sealed)) {
+            Some((v, s)) if **v == *sealed => Some(s.clone()),
+            _ => None,
+        }
+    }
+
+    fn put(&self, sealed: &str, session: &Session) {
+        if let Ok(mut map) = self.map.lock() {
+            if map.len() >= OPENED_MAX {
+                map.clear();
+            }
+            map.insert(Self::key(sealed), (sealed.into(), session.clone()));
+        }
+    }
+}
+
+static RANDOM_STATE: std::sync::LazyLock<std::collections::hash_map::RandomState> =
+    std::sync::LazyLock::new(std::collections::hash_map::RandomState::new);
 
 impl SessionStore {
     /// `redis`: `None` for the cookie store.
@@ -76,6 +131,7 @@ impl SessionStore {
             absolute,
             idle,
             metrics,
+            opened: Arc::default(),
         }
     }
 
@@ -114,6 +170,11 @@ impl SessionStore {
                 Loaded::None
             });
         };
+        if let Backend::Cookie = self.backend {
+            if let Some(s) = self.opened.get(&sealed) {
+                return Ok(Loaded::Some(s));
+            }
+        }
         let Some(plain) = self
             .sealer
             .open(self.rules.session_name().as_bytes(), &sealed)
@@ -121,10 +182,13 @@ impl SessionStore {
             return Ok(Loaded::Unreadable);
         };
         match &self.backend {
-            Backend::Cookie => {
-                Ok(serde_json::from_slice::<Session>(&plain)
-                    .map_or(Loaded::Unreadable, Loaded::Some))
-            }
+            Backend::Cookie => match serde_json::from_slice::<Session>(&plain) {
+                Ok(s) => {
+                    self.opened.put(&sealed, &s);
+                    Ok(Loaded::Some(s))
+                }
+                Err(_) => Ok(Loaded::Unreadable),
+            },
             Backend::Redis(r) => {
                 let Ok(sid) = std::str::from_utf8(&plain) else {
                     return Ok(Loaded::Unreadable);
@@ -200,5 +264,43 @@ impl SessionStore {
                     .await
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(sub: &str) -> Session {
+        serde_json::from_value(serde_json::json!({
+            "sid": "sid", "at": "at", "sub": sub, "iat": 1, "seen": 1, "gen": 0
+        }))
+        .unwrap_or_else(|e| panic!("session json: {e}"))
+    }
+
+    #[test]
+    fn opened_cache_answers_only_for_the_exact_sealed_value() {
+        let cache = OpenedCache::default();
+        let sealed = format!("{}{}", "A".repeat(100), "tagtagtagtagtagtagtagtag");
+        cache.put(&sealed, &session("alice"));
+        assert_eq!(cache.get(&sealed).map(|s| s.subject), Some("alice".into()));
+        // Same tail (the lookup key), other body: never served from the cache.
+        let forged = format!("{}{}", "B".repeat(100), "tagtagtagtagtagtagtagtag");
+        assert!(cache.get(&forged).is_none());
+        assert!(cache.get("tagtagtagtagtagtagtagtag").is_none());
+        assert!(
+            !format!("{cache:?}").contains("tagtag"),
+            "Debug prints a cookie value"
+        );
+    }
+
+    #[test]
+    fn opened_cache_stays_bounded() {
+        let cache = OpenedCache::default();
+        for i in 0..(OPENED_MAX * 3) {
+            cache.put(&format!("value-{i:08}-and-some-tag-bytes"), &session("bob"));
+        }
+        let n = cache.map.lock().map_or(usize::MAX, |m| m.len());
+        assert!(n <= OPENED_MAX, "{n} entries");
     }
 }
