@@ -101,7 +101,7 @@ struct RawOAuth {
     scopes: Vec<String>,
     resources: Vec<String>,
     redirect_path: String,
-    client_auth: String,
+    client_auth: Option<String>,
     extra_authorize_params: BTreeMap<String, String>,
     post_logout_redirect_uri: Option<String>,
     authorization_endpoint: Option<String>,
@@ -129,7 +129,7 @@ impl Default for RawOAuth {
             scopes: vec!["openid".into(), "profile".into(), "offline_access".into()],
             resources: vec![],
             redirect_path: "/oauth-callback".into(),
-            client_auth: "client_secret_basic".into(),
+            client_auth: None,
             extra_authorize_params: BTreeMap::new(),
             post_logout_redirect_uri: None,
             authorization_endpoint: None,
@@ -895,7 +895,17 @@ fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
         .clone()
         .filter(|s| !s.is_empty())
         .map(Secret);
-    let client_auth = match o.client_auth.as_str() {
+    // Unset: client_secret_basic with a secret; without one, a public client (interface.md:
+    // "absent => public client"). Set explicitly, a missing secret is an error, never a downgrade.
+    let auth_name = match (&o.client_auth, &client_secret) {
+        (Some(a), _) => a.as_str(),
+        (None, Some(_)) => "client_secret_basic",
+        (None, None) => {
+            warnings.push("oauth.client_secret is not set: tokengate runs as a public client (PKCE only). Set the secret (TOKENGATE_OAUTH__CLIENT_SECRET), or client_auth = \"none\" to make this explicit.".into());
+            "none"
+        }
+    };
+    let client_auth = match auth_name {
         "client_secret_basic" => Some(ClientAuth::ClientSecretBasic),
         "client_secret_post" => Some(ClientAuth::ClientSecretPost),
         "none" => Some(ClientAuth::None),
@@ -914,7 +924,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
     {
         problems.push(format!(
             "oauth.client_secret: missing, but oauth.client_auth = \"{}\" needs it (set TOKENGATE_OAUTH__CLIENT_SECRET, or client_auth = \"none\" for a public client)",
-            o.client_auth
+            auth_name
         ));
     }
     let client_key = match (&client_auth, &o.private_key_file) {

@@ -454,3 +454,41 @@ fn a_csrf_header_that_browsers_send_cross_site_is_refused() {
     );
     Config::load(&toml, no_env()).expect("a custom header name is fine");
 }
+
+#[test]
+fn no_client_secret_means_a_public_client_unless_a_secret_method_is_named() {
+    let without_secret = |auth: &str| {
+        format!(
+            r#"
+[server]
+public_url = "http://127.0.0.1:8080"
+[oauth]
+issuer = "http://127.0.0.1:9"
+client_id = "tokengate"
+{auth}
+[session]
+keys = [{}]
+"#,
+            good_key()
+        )
+    };
+    // interface.md: client_secret absent => public client (PKCE only), said out loud at start.
+    let c = Config::load(&without_secret(""), no_env()).expect("a public client loads");
+    assert_eq!(c.oauth.client_auth, tokengate::config::ClientAuth::None);
+    assert!(
+        c.warnings.iter().any(|w| w.contains("public client")),
+        "{:?}",
+        c.warnings
+    );
+    // A secret method named explicitly is never quietly downgraded.
+    for auth in ["client_secret_basic", "client_secret_post"] {
+        let err = match Config::load(
+            &without_secret(&format!("client_auth = \"{auth}\"")),
+            no_env(),
+        ) {
+            Ok(_) => panic!("{auth} without a secret accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("client_secret"), "{auth}: {err}");
+    }
+}
