@@ -222,6 +222,14 @@ async fn a_frozen_redis_answers_503_then_recovers() {
     assert_eq!(ready.status(), 503);
     let body: Value = ready.json().await.expect("json");
     assert_eq!(body["checks"]["session_store"], false);
+    // Operators see it in the metrics: failed session-store loads.
+    let metrics = get(&app, "/metrics").await.text().await.expect("metrics");
+    assert!(
+        metrics.lines().any(|l| l
+            .starts_with(r#"tokengate_session_store_errors_total{op="load"}"#)
+            && !l.ends_with(" 0")),
+        "no session store error counted:\n{metrics}"
+    );
 
     frozen.thaw();
     let mut back = false;
