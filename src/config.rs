@@ -192,8 +192,28 @@ struct RawRoute {
     prefix: String,
     upstream: String,
     strip_prefix: bool,
-    resource: Option<String>,
+    resource: Option<OneOrMany>,
+    scopes: Option<OneOrMany>,
+    token: Option<String>,
     timeout_s: Option<u64>,
+}
+
+/// A key that takes one string or a list of strings (`resource = "https://a/"` or
+/// `resource = ["https://a/", "https://b/"]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -391,6 +411,10 @@ pub struct OAuthConfig {
     pub client_secret: Option<Secret>,
     pub scopes: Vec<String>,
     pub resources: Vec<String>,
+    /// The resource indicators sent on the authorization request: `resources` plus every user
+    /// route's `resource` (RFC 8707 §2.1: the grant must cover them for the later downscoped
+    /// refresh grants).
+    pub authorize_resources: Vec<String>,
     pub redirect_uri: Url,
     pub redirect_path: String,
     pub client_auth: ClientAuth,
@@ -448,14 +472,39 @@ pub struct CsrfConfig {
     pub header: http::HeaderName,
 }
 
+/// Which access token a route's requests carry (`routes[].token`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteToken {
+    /// The user's token; no session → 401.
+    User,
+    /// The client's own token (client-credentials grant, RFC 6749 §4.4); no session needed.
+    Client,
+    /// The user's token when logged in, no `Authorization` otherwise.
+    UserOrAnonymous,
+    /// Never a token.
+    None,
+}
+
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
     /// Normalised: starts with `/`, no trailing `/` (except the root route `/`... which is refused).
     pub prefix: String,
     pub upstream: Url,
     pub strip_prefix: bool,
-    pub resource: Option<String>,
+    /// RFC 8707 resource indicators of this route's API (`resource`, one or a list); empty: none.
+    pub resources: Vec<String>,
+    /// The scopes this route's token is narrowed to (`scopes`); empty: as granted.
+    pub scopes: Vec<String>,
+    pub token: RouteToken,
     pub timeout: Duration,
+}
+
+impl RouteConfig {
+    /// True when the route wants a token of its own (audience and/or scopes) rather than the
+    /// session's access token.
+    pub fn wants_own_token(&self) -> bool {
+        !self.resources.is_empty() || !self.scopes.is_empty()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -958,12 +1007,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
         problems.push("oauth.scopes: must not be empty".into());
     }
     for (i, s) in o.scopes.iter().enumerate() {
-        // RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
-        if s.is_empty()
-            || !s
-                .bytes()
-                .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b))
-        {
+        if !is_scope_token(s) {
             problems.push(format!(
                 "oauth.scopes[{i}]: `{s}` is not a valid scope token"
             ));
@@ -1174,14 +1218,73 @@ fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
             r.timeout_s.unwrap_or(30),
             problems,
         );
+        let token = match r.token.as_deref().unwrap_or("user") {
+            "user" => RouteToken::User,
+            "client" => RouteToken::Client,
+            "user-or-anonymous" => RouteToken::UserOrAnonymous,
+            "none" => RouteToken::None,
+            other => {
+                problems.push(format!(
+                    "routes[{i}].token: `{other}` is not one of user, client, user-or-anonymous, none"
+                ));
+                RouteToken::User
+            }
+        };
+        let resources = r
+            .resource
+            .clone()
+            .map(OneOrMany::into_vec)
+            .unwrap_or_default();
+        for (j, res) in resources.iter().enumerate() {
+            match Url::parse(res) {
+                Ok(u) if u.fragment().is_none() => {}
+                _ => problems.push(format!(
+                    "routes[{i}].resource[{j}]: `{res}` must be an absolute URI without a fragment (RFC 8707 §2)"
+                )),
+            }
+        }
+        let scopes = r
+            .scopes
+            .clone()
+            .map(OneOrMany::into_vec)
+            .unwrap_or_default();
+        for (j, sc) in scopes.iter().enumerate() {
+            if !is_scope_token(sc) {
+                problems.push(format!(
+                    "routes[{i}].scopes[{j}]: `{sc}` is not a valid scope token"
+                ));
+            } else if token != RouteToken::Client && !o.scopes.contains(sc) {
+                // A refresh grant can only narrow what the user granted (RFC 6749 §6).
+                problems.push(format!(
+                    "routes[{i}].scopes[{j}]: `{sc}` is not in oauth.scopes; a route's scopes must be a subset of the scopes requested at login"
+                ));
+            }
+        }
+        if token == RouteToken::None && (!resources.is_empty() || !scopes.is_empty()) {
+            problems.push(format!(
+                "routes[{i}].token: \"none\" sends no token, so routes[{i}].resource and routes[{i}].scopes have no effect; remove them"
+            ));
+        }
         if let (true, Some(upstream)) = (ok, upstream) {
             routes.push(RouteConfig {
                 prefix,
                 upstream,
                 strip_prefix: r.strip_prefix,
-                resource: r.resource.clone(),
+                resources,
+                scopes,
+                token,
                 timeout,
             });
+        }
+    }
+    let mut authorize_resources = o.resources.clone();
+    for r in &routes {
+        if matches!(r.token, RouteToken::User | RouteToken::UserOrAnonymous) {
+            for res in &r.resources {
+                if !authorize_resources.contains(res) {
+                    authorize_resources.push(res.clone());
+                }
+            }
         }
     }
     // Longest prefix first, so `/api/admin` wins over `/api`.
@@ -1230,6 +1333,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
             client_secret,
             scopes: raw.oauth.scopes.clone(),
             resources: raw.oauth.resources.clone(),
+            authorize_resources,
             redirect_uri: redirect_uri?,
             redirect_path: raw.oauth.redirect_path.clone(),
             client_auth: client_auth?,
@@ -1258,6 +1362,13 @@ fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
         },
         warnings,
     })
+}
+
+/// RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
+fn is_scope_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b))
 }
 
 fn is_loopback_host(u: &Url) -> bool {
@@ -1444,6 +1555,95 @@ upstream = "https://api.example.com"
             "{:?}",
             strong.recommendations()
         );
+    }
+
+    #[test]
+    fn route_token_settings_are_read_and_checked() {
+        let ok = Config::load(
+            &format!(
+                r#"{}
+[[routes]]
+prefix = "/a"
+upstream = "http://127.0.0.1:1"
+resource = "https://a.example/"
+scopes = ["profile"]
+[[routes]]
+prefix = "/b"
+upstream = "http://127.0.0.1:1"
+resource = ["https://b.example/", "https://b2.example/"]
+token = "user-or-anonymous"
+[[routes]]
+prefix = "/c"
+upstream = "http://127.0.0.1:1"
+token = "client"
+resource = "https://c.example/"
+scopes = ["svc:read"]
+[[routes]]
+prefix = "/d"
+upstream = "http://127.0.0.1:1"
+token = "none"
+[[routes]]
+prefix = "/e"
+upstream = "http://127.0.0.1:1"
+"#,
+                minimal()
+            ),
+            vec![],
+        )
+        .expect("valid");
+        let r = |p: &str| ok.routes.iter().find(|r| r.prefix == p).expect("route");
+        assert_eq!(r("/a").resources, vec!["https://a.example/"]);
+        assert_eq!(r("/a").scopes, vec!["profile"]);
+        assert_eq!(r("/a").token, RouteToken::User);
+        assert_eq!(r("/b").resources.len(), 2);
+        assert_eq!(r("/b").token, RouteToken::UserOrAnonymous);
+        assert_eq!(r("/c").token, RouteToken::Client);
+        assert_eq!(r("/d").token, RouteToken::None);
+        assert!(
+            !r("/e").wants_own_token(),
+            "no keys: the session's token, as before"
+        );
+        // User routes' resources are asked for at login; the client route's are not.
+        assert_eq!(
+            ok.oauth.authorize_resources,
+            vec![
+                "https://a.example/",
+                "https://b.example/",
+                "https://b2.example/"
+            ]
+        );
+
+        let bad = format!(
+            r#"{}
+[[routes]]
+prefix = "/a"
+upstream = "http://127.0.0.1:1"
+scopes = ["admin"]
+[[routes]]
+prefix = "/b"
+upstream = "http://127.0.0.1:1"
+token = "sometimes"
+[[routes]]
+prefix = "/c"
+upstream = "http://127.0.0.1:1"
+token = "none"
+resource = "https://c.example/"
+[[routes]]
+prefix = "/d"
+upstream = "http://127.0.0.1:1"
+resource = "not a uri"
+"#,
+            minimal()
+        );
+        let msg = Config::load(&bad, vec![]).expect_err("invalid").to_string();
+        for needle in [
+            "routes[0].scopes[0]: `admin` is not in oauth.scopes",
+            "routes[1].token: `sometimes`",
+            "routes[2].token: \"none\"",
+            "routes[3].resource[0]",
+        ] {
+            assert!(msg.contains(needle), "missing {needle} in:\n{msg}");
+        }
     }
 
     #[test]

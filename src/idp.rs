@@ -9,7 +9,7 @@ pub mod id_token;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-pub use client::{IdpError, TokenResponse};
+pub use client::{IdpError, TokenResponse, TokenTarget};
 pub use discovery::Metadata;
 
 use crate::config::OAuthConfig;

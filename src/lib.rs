@@ -9,6 +9,7 @@
 //! SPA ─────GET /userinfo────────▶ auth::userinfo   ID-token claims (+ UserInfo), never tokens
 //! SPA ─────POST /refreshtoken───▶ auth::refresh    session::refresh (single-flight)
 //! SPA ─────ANY /api/...─────────▶ proxy::forward   session::extract (CSRF, session, fresh token)
+//!                                                   session::route_token (the route's own token)
 //!                                                   └▶ proxy::headers → proxy::upstream ─▶ API
 //! SPA ─────POST /logout─────────▶ auth::logout     revoke (RFC 7009), clear cookies, end-session URL
 //! ```

@@ -34,6 +34,8 @@ pub struct Shared {
     pub sealer: Sealer,
     pub store: SessionStore,
     pub refresher: Arc<Refresher>,
+    /// Per-route tokens (downscoped and client-credentials), cached in memory.
+    pub route_tokens: Arc<crate::session::route_token::RouteTokens>,
     pub upstreams: Arc<Upstreams>,
     pub userinfo_cache: Arc<crate::auth::userinfo::Cache>,
     pub logins: Arc<crate::auth::ledger::LoginLedger>,
@@ -83,6 +85,7 @@ impl Shared {
             sealer,
             store,
             refresher: Arc::new(Refresher::new(Arc::clone(&metrics))),
+            route_tokens: Arc::default(),
             upstreams,
             userinfo_cache: Arc::default(),
             logins: Arc::default(),

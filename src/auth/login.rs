@@ -105,7 +105,7 @@ pub async fn login(
     if let Some(n) = &nonce {
         params.push(("nonce".into(), n.clone()));
     }
-    for r in &cfg.resources {
+    for r in &cfg.authorize_resources {
         params.push(("resource".into(), r.clone()));
     }
     for (k, v) in &cfg.extra_authorize_params {

@@ -25,6 +25,24 @@ pub struct TokenResponse {
     pub scope: Option<String>,
 }
 
+/// The audience and scopes one route's token is meant for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TokenTarget {
+    /// RFC 8707 resource indicators; empty: the IdP's default audience.
+    pub resources: Vec<String>,
+    /// Empty: as granted.
+    pub scopes: Vec<String>,
+}
+
+impl TokenTarget {
+    pub fn of(route: &crate::config::RouteConfig) -> Self {
+        Self {
+            resources: route.resources.clone(),
+            scopes: route.scopes.clone(),
+        }
+    }
+}
+
 /// What went wrong talking to the IdP. Messages carry no token, code or secret.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum IdpError {
@@ -171,12 +189,22 @@ impl Idp {
         jsonwebtoken::encode(&header, &claims, &k.key).unwrap_or_default()
     }
 
+    /// A token request carrying `oauth.resources`.
     async fn token_request(
         &self,
         form: Vec<(&'static str, String)>,
     ) -> Result<TokenResponse, IdpError> {
+        self.token_request_for(form, &self.config.resources).await
+    }
+
+    /// A token request carrying exactly these resource indicators (RFC 8707 §2.2).
+    async fn token_request_for(
+        &self,
+        form: Vec<(&'static str, String)>,
+        resources: &[String],
+    ) -> Result<TokenResponse, IdpError> {
         let started = std::time::Instant::now();
-        let r = self.token_request_inner(form).await;
+        let r = self.token_request_inner(form, resources).await;
         self.metrics
             .idp_call("token", super::outcome(&r), started.elapsed());
         r
@@ -185,9 +213,10 @@ impl Idp {
     async fn token_request_inner(
         &self,
         mut form: Vec<(&'static str, String)>,
+        resources: &[String],
     ) -> Result<TokenResponse, IdpError> {
         let md = self.ready_metadata()?;
-        for r in &self.config.resources {
+        for r in resources {
             form.push(("resource", r.clone()));
         }
         let resp = self
@@ -246,6 +275,41 @@ impl Idp {
             ("refresh_token", refresh_token.secret().clone()),
         ])
         .await
+    }
+
+    /// A refresh grant for a narrower token (RFC 8707 §2.2, RFC 6749 §6 `scope`): meant for
+    /// `target`'s audience and scopes only. `oauth.resources` is not sent unless the target has
+    /// no resource of its own.
+    pub async fn refresh_for(
+        &self,
+        refresh_token: &RefreshToken,
+        target: &TokenTarget,
+    ) -> Result<TokenResponse, IdpError> {
+        let mut form = vec![
+            ("grant_type", "refresh_token".into()),
+            ("refresh_token", refresh_token.secret().clone()),
+        ];
+        if !target.scopes.is_empty() {
+            form.push(("scope", target.scopes.join(" ")));
+        }
+        let resources = if target.resources.is_empty() {
+            &self.config.resources
+        } else {
+            &target.resources
+        };
+        self.token_request_for(form, resources).await
+    }
+
+    /// Client-credentials grant (RFC 6749 §4.4) for `target`'s audience and scopes.
+    pub async fn client_credentials(
+        &self,
+        target: &TokenTarget,
+    ) -> Result<TokenResponse, IdpError> {
+        let mut form = vec![("grant_type", "client_credentials".into())];
+        if !target.scopes.is_empty() {
+            form.push(("scope", target.scopes.join(" ")));
+        }
+        self.token_request_for(form, &target.resources).await
     }
 
     /// Pushed Authorization Request (RFC 9126 §2): the authorization parameters go to the AS

@@ -1,5 +1,5 @@
 //! Forwarding one API call, in phases:
-//! `request_filter` (CSRF, path, session, fresh token) → `upstream_request_filter` (URI, header
+//! `request_filter` (CSRF, path, session, the route's token) → `upstream_request_filter` (URI, header
 //! rules, bearer token) → send (timeout) → `response_filter` (hop-by-hop, our cookies).
 //! Bodies stream both ways; nothing is buffered.
 
@@ -15,9 +15,10 @@ use tower_cookies::Cookies;
 use super::headers;
 use super::path::is_clean;
 use super::upstream::upstream_uri;
-use crate::config::RouteConfig;
+use crate::config::{RouteConfig, RouteToken};
 use crate::error::ApiError;
-use crate::session::extract::{check_csrf, ensure_fresh, require_session};
+use crate::session::extract::{check_csrf, optional_session, require_session};
+use crate::session::route_token::{client_token, user_token};
 use crate::state::AppState;
 
 /// Everything that is not one of tokengate's own endpoints: an API route, or the SPA.
@@ -72,8 +73,23 @@ async fn proxy(
             ));
         }
     }
-    let mut session = require_session(state, cookies).await?;
-    ensure_fresh(state, cookies, &mut session).await?;
+    let token = match route.token {
+        RouteToken::None => None,
+        RouteToken::Client => Some(client_token(state, route).await?),
+        RouteToken::User => {
+            let mut session = require_session(state, cookies).await?;
+            Some(user_token(state, cookies, &mut session, route).await?)
+        }
+        RouteToken::UserOrAnonymous => match optional_session(state, cookies).await? {
+            Some(mut session) => match user_token(state, cookies, &mut session, route).await {
+                Ok(t) => Some(t),
+                // The session ended on the way: the call goes on as an anonymous one.
+                Err(e) if e.status == http::StatusCode::UNAUTHORIZED => None,
+                Err(e) => return Err(e),
+            },
+            None => None,
+        },
+    };
 
     // upstream_request_filter
     let (mut parts, body) = req.into_parts();
@@ -93,7 +109,10 @@ async fn proxy(
     headers::strip_hop_by_hop(h);
     h.remove(header::HOST);
     headers::strip_our_cookies(h, state.store.rules());
-    headers::set_authorization(h, session.access_token.secret());
+    match &token {
+        Some(t) => headers::set_authorization(h, t.secret()),
+        None => headers::strip_credentials(h),
+    }
     let cfg = &state.config.server;
     let trusted = cfg.trusted_proxies.iter().any(|c| c.contains(peer.ip()));
     headers::set_forwarded(

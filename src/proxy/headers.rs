@@ -120,6 +120,16 @@ fn spoofable(name: &str) -> bool {
 /// underscore in its name (nginx's default too: `X_User` could be read as `X-User` upstream);
 /// sets our bearer token.
 pub fn set_authorization(headers: &mut HeaderMap, access_token: &str) {
+    strip_credentials(headers);
+    if let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {access_token}")) {
+        v.set_sensitive(true);
+        headers.insert(header::AUTHORIZATION, v);
+    }
+}
+
+/// What [`set_authorization`] drops, for requests that carry no token of ours (`token = "none"`,
+/// or `"user-or-anonymous"` without a session).
+pub fn strip_credentials(headers: &mut HeaderMap) {
     headers.remove(header::AUTHORIZATION);
     let drop: Vec<HeaderName> = headers
         .keys()
@@ -128,10 +138,6 @@ pub fn set_authorization(headers: &mut HeaderMap, access_token: &str) {
         .collect();
     for n in drop {
         headers.remove(n);
-    }
-    if let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {access_token}")) {
-        v.set_sensitive(true);
-        headers.insert(header::AUTHORIZATION, v);
     }
 }
 
@@ -279,6 +285,19 @@ mod tests {
         ] {
             assert!(!spoofable(n), "{n}");
         }
+    }
+
+    #[test]
+    fn without_a_token_the_browsers_credentials_and_identity_headers_are_still_dropped() {
+        let mut h = map(&[
+            ("authorization", "Bearer attacker"),
+            ("x-forwarded-user", "admin"),
+            ("x_user", "admin"),
+            ("accept", "application/json"),
+        ]);
+        strip_credentials(&mut h);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["accept"], "application/json");
     }
 
     #[test]

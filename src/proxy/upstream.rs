@@ -121,7 +121,9 @@ mod tests {
             prefix: "/api".into(),
             upstream: url::Url::parse(upstream).expect("url"),
             strip_prefix: strip,
-            resource: None,
+            resources: vec![],
+            scopes: vec![],
+            token: crate::config::RouteToken::User,
             timeout: Duration::from_secs(1),
         }
     }

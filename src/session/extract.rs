@@ -187,6 +187,12 @@ async fn refresh_now(
                 "the session has ended: log in again",
             ))
         }
+        Err(RefreshError::Refused(e)) => Err(ApiError::new(
+            http::StatusCode::FORBIDDEN,
+            "invalid_scope",
+            "the authorization server refused the session's scopes",
+        )
+        .with_cause(e)),
         Err(RefreshError::Transient(e)) => Err(ApiError::unavailable(
             "the authorization server is unavailable; try again shortly",
         )

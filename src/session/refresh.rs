@@ -13,7 +13,7 @@ use tokio::sync::OnceCell;
 
 use super::store::SessionStore;
 use super::tokens::{now_s, Session};
-use crate::idp::{Idp, IdpError};
+use crate::idp::{Idp, IdpError, TokenResponse, TokenTarget};
 
 /// How long the result of a refresh is reused for requests carrying the old refresh token.
 pub const REUSE_WINDOW: Duration = Duration::from_secs(30);
@@ -31,6 +31,10 @@ pub enum RefreshError {
     /// The IdP failed or timed out: keep the session, try again later.
     #[error("refresh failed for now: {0}")]
     Transient(IdpError),
+    /// `invalid_target` / `invalid_scope` (RFC 8707 §2, RFC 6749 §5.2): the IdP will not issue
+    /// a token for that audience or those scopes; the session itself is fine.
+    #[error("the authorization server refused the audience or scopes: {0}")]
+    Refused(IdpError),
 }
 
 /// The session with refreshed tokens (already persisted when the store is server-side).
@@ -136,6 +140,7 @@ impl Refresher {
                     Err(e) => {
                         self.metrics.refresh(match e {
                             RefreshError::Transient(_) => "transient",
+                            RefreshError::Refused(_) => "refused",
                             _ => "fatal",
                         });
                         tracing::info!(error = %e, "refresh failed")
@@ -187,6 +192,101 @@ impl Refresher {
         if let Ok(mut map) = self.entries.lock() {
             if map.len() > 1024 {
                 map.retain(|_, e| e.started.elapsed() < REUSE_WINDOW);
+            }
+        }
+    }
+}
+
+/// A downscoped refresh grant (RFC 8707 §2.2): a token for `target` only. Returns the IdP's
+/// answer; a rotated refresh token in it must be persisted by the caller. Persists nothing.
+pub async fn grant_for(
+    idp: &Idp,
+    session: &Session,
+    target: &TokenTarget,
+) -> Result<TokenResponse, RefreshError> {
+    let rt = session
+        .refresh_token
+        .as_ref()
+        .ok_or(RefreshError::NoRefreshToken)?;
+    idp.refresh_for(rt, target).await.map_err(|e| {
+        if let IdpError::OAuth { error, .. } = &e {
+            match error.as_str() {
+                "invalid_target" | "invalid_scope" => return RefreshError::Refused(e),
+                "invalid_grant"
+                | "invalid_client"
+                | "unauthorized_client"
+                | "unsupported_grant_type" => return RefreshError::Fatal(e.to_string()),
+                _ => {}
+            }
+        }
+        RefreshError::Transient(e)
+    })
+}
+
+/// Refresh-token rotations this process has seen, for the cookie store: concurrent requests still
+/// carrying the pre-rotation cookie must use the successor instead of replaying a dead refresh
+/// token (which a rotating IdP may treat as theft). One lock per session serialises every grant
+/// that spends the session's refresh token within this process.
+#[derive(Default)]
+pub struct Rotations {
+    /// sha256(sid, old refresh token) → the successor, and when it was recorded.
+    successors: Mutex<HashMap<[u8; 32], (RefreshToken, Instant)>>,
+    locks: Mutex<HashMap<String, std::sync::Weak<tokio::sync::Mutex<()>>>>,
+}
+
+impl std::fmt::Debug for Rotations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Rotations")
+    }
+}
+
+impl Rotations {
+    /// The lock serialising refresh-token use for session `sid` (held across the grant).
+    pub fn lock_for(&self, sid: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let Ok(mut locks) = self.locks.lock() else {
+            return Arc::default();
+        };
+        if let Some(l) = locks.get(sid).and_then(std::sync::Weak::upgrade) {
+            return l;
+        }
+        if locks.len() >= 1024 {
+            locks.retain(|_, w| w.strong_count() > 0);
+        }
+        let l: Arc<tokio::sync::Mutex<()>> = Arc::default();
+        locks.insert(sid.to_string(), Arc::downgrade(&l));
+        l
+    }
+
+    /// `session` with its refresh token replaced by the newest known successor.
+    pub fn latest(&self, session: &Session) -> Session {
+        let mut s = session.clone();
+        let Ok(map) = self.successors.lock() else {
+            return s;
+        };
+        // A chain is short (one rotation per grant); the bound only guards against a cycle.
+        for _ in 0..16 {
+            let Some(rt) = &s.refresh_token else { break };
+            match map.get(&key(&s.id, rt)) {
+                Some((next, at)) if at.elapsed() < REUSE_WINDOW => {
+                    s.refresh_token = Some(next.clone());
+                }
+                _ => break,
+            }
+        }
+        s
+    }
+
+    /// Notes that `old` was rotated to `new` for session `sid`.
+    pub fn record(&self, sid: &str, old: &RefreshToken, new: &RefreshToken) {
+        if old.secret() == new.secret() {
+            return;
+        }
+        if let Ok(mut map) = self.successors.lock() {
+            if map.len() >= MAX_ENTRIES / 10 {
+                map.retain(|_, (_, at)| at.elapsed() < REUSE_WINDOW);
+            }
+            if map.len() < MAX_ENTRIES / 10 {
+                map.insert(key(sid, old), (new.clone(), Instant::now()));
             }
         }
     }

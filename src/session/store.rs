@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 use tower_cookies::Cookies;
 
 use super::cookie::CookieRules;
-use super::refresh::{grant, RefreshError};
+use super::refresh::{grant, grant_for, RefreshError, Rotations};
 use super::seal::Sealer;
 use super::store_redis::RedisStore;
 use super::tokens::Session;
-use crate::idp::Idp;
+use crate::idp::{Idp, TokenResponse, TokenTarget};
 use crate::metrics::Metrics;
 
 /// What a store can fail with.
@@ -59,6 +59,18 @@ pub struct SessionStore {
     idle: Duration,
     metrics: Arc<Metrics>,
     opened: Arc<OpenedCache>,
+    /// Cookie store: refresh-token rotations seen by this process.
+    rotations: Arc<Rotations>,
+}
+
+/// What a downscoped refresh grant gave.
+#[derive(Debug)]
+pub struct Downscoped {
+    /// The IdP's answer; its access token is for the target only.
+    pub token: TokenResponse,
+    /// The session with the rotated refresh token, when the IdP rotated it: already persisted
+    /// server-side; with the cookie store the caller writes the cookie.
+    pub rotated: Option<Session>,
 }
 
 /// Cookie-store sessions already opened, by their sealed cookie value. A browser sends the same
@@ -132,6 +144,7 @@ impl SessionStore {
             idle,
             metrics,
             opened: Arc::default(),
+            rotations: Arc::default(),
         }
     }
 
@@ -258,9 +271,50 @@ impl SessionStore {
     /// cookie). Redis: coordinated across replicas with a lease, persisted with compare-and-swap.
     pub async fn refresh(&self, idp: &Idp, session: &Session) -> Result<Session, RefreshError> {
         match &self.backend {
-            Backend::Cookie => grant(idp, session).await,
+            Backend::Cookie => {
+                let lock = self.rotations.lock_for(&session.id);
+                let _serialised = lock.lock().await;
+                let current = self.rotations.latest(session);
+                let next = grant(idp, &current).await?;
+                if let (Some(old), Some(new)) = (&current.refresh_token, &next.refresh_token) {
+                    self.rotations.record(&session.id, old, new);
+                }
+                Ok(next)
+            }
             Backend::Redis(r) => {
                 r.refresh_coordinated(idp, session, self.idle, self.absolute)
+                    .await
+            }
+        }
+    }
+
+    /// A token for `target` only, by a refresh grant with `resource`/`scope` (RFC 8707 §2.2).
+    /// Spending the session's refresh token is serialised with every other refresh of the session
+    /// (a lock in-process; the refresh lease with Redis), and a rotated refresh token is kept.
+    pub async fn downscope(
+        &self,
+        idp: &Idp,
+        session: &Session,
+        target: &TokenTarget,
+    ) -> Result<Downscoped, RefreshError> {
+        match &self.backend {
+            Backend::Cookie => {
+                let lock = self.rotations.lock_for(&session.id);
+                let _serialised = lock.lock().await;
+                let mut current = self.rotations.latest(session);
+                let token = grant_for(idp, &current, target).await?;
+                let rotated = match (&current.refresh_token, &token.refresh_token) {
+                    (Some(old), Some(new)) if old.secret() != new.secret() => {
+                        self.rotations.record(&session.id, old, new);
+                        current.refresh_token = Some(new.clone());
+                        Some(current)
+                    }
+                    _ => None,
+                };
+                Ok(Downscoped { token, rotated })
+            }
+            Backend::Redis(r) => {
+                r.downscope_coordinated(idp, session, target, self.idle, self.absolute)
                     .await
             }
         }

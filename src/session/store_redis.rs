@@ -20,11 +20,12 @@ use redis::cluster_async::ClusterConnection;
 use redis::{FromRedisValue, Script};
 use tokio::sync::RwLock;
 
-use super::refresh::{grant, RefreshError};
+use super::refresh::{grant, grant_for, RefreshError};
 use super::seal::Sealer;
+use super::store::Downscoped;
 use super::store::StoreError;
 use super::tokens::Session;
-use crate::idp::{Idp, IdpError};
+use crate::idp::{Idp, IdpError, TokenTarget};
 
 /// How long one Redis call may take before the request gets a 503.
 pub const CALL_TIMEOUT: Duration = Duration::from_millis(1000);
@@ -435,6 +436,103 @@ impl RedisStore {
                 return Err(RefreshError::Transient(IdpError::Timeout));
             }
         }
+    }
+
+    /// A downscoped refresh grant (RFC 8707 §2.2) under the session's refresh lease, so that it
+    /// never spends a refresh token another replica is rotating; a rotated refresh token is
+    /// written back (compare-and-swap, re-applied on a concurrent write).
+    pub async fn downscope_coordinated(
+        &self,
+        idp: &Idp,
+        session: &Session,
+        target: &TokenTarget,
+        idle: Duration,
+        absolute: Duration,
+    ) -> Result<Downscoped, RefreshError> {
+        let store_down = |e: StoreError| {
+            RefreshError::Transient(IdpError::Transport(format!("session store: {e}")))
+        };
+        let mut owner = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut owner);
+        let owner: String = owner.iter().map(|b| format!("{b:02x}")).collect();
+        let deadline = tokio::time::Instant::now() + LEASE_WAIT;
+        loop {
+            if self
+                .try_lease(&session.id, &owner)
+                .await
+                .map_err(store_down)?
+            {
+                let result = self
+                    .downscope_holding_lease(idp, &session.id, target, idle, absolute)
+                    .await;
+                if let Err(e) = self.release_lease(&session.id, &owner).await {
+                    tracing::warn!(error = %e, "could not release the refresh lease");
+                }
+                return result;
+            }
+            tokio::time::sleep(LEASE_POLL).await;
+            if tokio::time::Instant::now() >= deadline {
+                return Err(RefreshError::Transient(IdpError::Timeout));
+            }
+        }
+    }
+
+    async fn downscope_holding_lease(
+        &self,
+        idp: &Idp,
+        sid: &str,
+        target: &TokenTarget,
+        idle: Duration,
+        absolute: Duration,
+    ) -> Result<Downscoped, RefreshError> {
+        let store_down = |e: StoreError| {
+            RefreshError::Transient(IdpError::Transport(format!("session store: {e}")))
+        };
+        let ended = || RefreshError::Fatal("the session ended".into());
+        // The stored session holds the newest refresh token (another replica may have rotated it).
+        let mut current = self.get(sid).await.map_err(store_down)?.ok_or_else(ended)?;
+        let token = match grant_for(idp, &current, target).await {
+            Ok(t) => t,
+            Err(e @ RefreshError::Fatal(_)) => {
+                let _ = self.delete(&current).await;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(new_rt) = token.refresh_token.clone() else {
+            return Ok(Downscoped {
+                token,
+                rotated: None,
+            });
+        };
+        if current
+            .refresh_token
+            .as_ref()
+            .is_some_and(|old| old.secret() == new_rt.secret())
+        {
+            return Ok(Downscoped {
+                token,
+                rotated: None,
+            });
+        }
+        // The old refresh token is spent: the new one must be stored, even if a request touched
+        // the session meanwhile (only the lease holder changes tokens, so re-applying is safe).
+        for _ in 0..5 {
+            current.refresh_token = Some(new_rt.clone());
+            match self.put(&mut current, idle, absolute).await {
+                Ok(()) => {
+                    return Ok(Downscoped {
+                        token,
+                        rotated: Some(current),
+                    })
+                }
+                Err(StoreError::Conflict) => {
+                    current = self.get(sid).await.map_err(store_down)?.ok_or_else(ended)?;
+                }
+                Err(e) => return Err(store_down(e)),
+            }
+        }
+        Err(store_down(StoreError::Conflict))
     }
 
     async fn refresh_holding_lease(

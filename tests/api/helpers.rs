@@ -157,6 +157,9 @@ pub struct Behaviour {
     /// Treat the client as public (RFC 6749 §2.1): the token endpoint wants `client_id` in the
     /// body and no secret, instead of client_secret_basic/post.
     pub public_client: bool,
+    /// Answer refresh and client-credentials grants that carry `resource` or `scope` with this
+    /// OAuth error (e.g. `invalid_target`, `invalid_scope`), status 400.
+    pub target_error: Option<String>,
 }
 
 impl Default for Behaviour {
@@ -180,6 +183,7 @@ impl Default for Behaviour {
             refresh_delay: Duration::ZERO,
             discovery: DiscoveryMode::Oidc,
             public_client: false,
+            target_error: None,
         }
     }
 }
@@ -744,9 +748,29 @@ async fn idp_token(State(idp): State<Arc<IdpInner>>, headers: HeaderMap, body: B
             }
             Json(answer).into_response()
         }
+        Some("client_credentials") => {
+            if let Some(e) = &b.target_error {
+                if get("resource").is_some() || get("scope").is_some() {
+                    return oauth_error(StatusCode::BAD_REQUEST, e);
+                }
+            }
+            let mut answer = issue_tokens(&idp, &b, CLIENT_ID, None);
+            let obj = answer.as_object_mut().expect("object");
+            obj.remove("refresh_token");
+            match get("scope") {
+                Some(scope) => obj.insert("scope".into(), json!(scope)),
+                None => obj.remove("scope"),
+            };
+            Json(answer).into_response()
+        }
         Some("refresh_token") => {
             if !b.refresh_delay.is_zero() {
                 tokio::time::sleep(b.refresh_delay).await;
+            }
+            if let Some(e) = &b.target_error {
+                if get("resource").is_some() || get("scope").is_some() {
+                    return oauth_error(StatusCode::BAD_REQUEST, e);
+                }
             }
             match b.refresh {
                 RefreshMode::InvalidGrant => {

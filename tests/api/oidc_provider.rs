@@ -67,6 +67,12 @@ pub struct StackOptions {
     pub backchannel_logout: bool,
     /// Delay every IdP token answer (ms), to widen race windows.
     pub token_delay_ms: u64,
+    /// Extra environment for the IdP (e.g. `IDP_RESOURCES`).
+    pub idp_env: Vec<(&'static str, String)>,
+    /// Scopes added to `oauth.scopes`.
+    pub extra_scopes: Vec<String>,
+    /// Extra `[[routes]]` tables.
+    pub extra_routes: String,
 }
 
 impl Default for StackOptions {
@@ -79,6 +85,9 @@ impl Default for StackOptions {
             client_extra: json!({}),
             backchannel_logout: false,
             token_delay_ms: 0,
+            idp_env: Vec::new(),
+            extra_scopes: Vec::new(),
+            extra_routes: String::new(),
         }
     }
 }
@@ -147,6 +156,14 @@ impl Stack {
         if let Some(ttl) = opts.access_token_ttl {
             env.push(("IDP_ACCESS_TOKEN_TTL", ttl.to_string()));
         }
+        env.extend(opts.idp_env.iter().cloned());
+        let scopes = ["openid", "profile", "email", "offline_access"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(opts.extra_scopes.iter().cloned())
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
         let idp = start_node("idp.mjs", &env).await;
         let issuer = idp.info["issuer"].as_str().expect("issuer").to_string();
         let api = start_node("echo-api.mjs", &[("ISSUER", issuer.clone())]).await;
@@ -160,7 +177,7 @@ static_dir = "{static_dir}"
 [oauth]
 issuer = "{issuer}"
 client_id = "tokengate"
-scopes = ["openid", "profile", "email", "offline_access"]
+scopes = [{scopes}]
 extra_authorize_params = {{ prompt = "consent" }}
 {extra_oauth}
 [session]
@@ -169,7 +186,9 @@ keys = ["{KEY}"]
 [[routes]]
 prefix = "/api"
 upstream = "http://127.0.0.1:{api_port}"
+{extra_routes}
 "#,
+            extra_routes = opts.extra_routes,
             static_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/static"),
         );
         let mut shutdown = Vec::new();

@@ -7,6 +7,9 @@
 //   IDP_CLIENTS           JSON array of client metadata (default: the demo client "tokengate")
 //   IDP_ACCESS_TOKEN_TTL  access token lifetime in seconds (default 300)
 //   IDP_TOKEN_DELAY_MS    test-only: delay every token-endpoint answer (default 0)
+//   IDP_RESOURCES         JSON object {"<resource indicator>": "<space-separated scopes>"}: enables
+//                         RFC 8707 resource indicators; each resource gets JWT access tokens with
+//                         aud = the resource and only its own scopes (default: none, feature off)
 //
 // On listening, prints exactly one JSON line to stdout:
 //   {"issuer":"http://127.0.0.1:PORT","port":PORT}
@@ -15,7 +18,7 @@
 import { generateKeyPairSync, randomUUID } from 'node:crypto';
 import http from 'node:http';
 
-import Provider from 'oidc-provider';
+import Provider, { errors } from 'oidc-provider';
 
 const log = (...args) => console.error('[idp]', ...args);
 
@@ -52,6 +55,20 @@ if (process.env.IDP_CLIENTS) {
     if (!Array.isArray(clients)) throw new Error('not a JSON array');
   } catch (err) {
     log(`invalid IDP_CLIENTS: ${err.message}`);
+    process.exit(2);
+  }
+}
+
+// Resource servers (APIs) for RFC 8707: indicator -> the scopes it knows.
+let resources = {};
+if (process.env.IDP_RESOURCES) {
+  try {
+    resources = JSON.parse(process.env.IDP_RESOURCES);
+    if (typeof resources !== 'object' || resources === null || Array.isArray(resources)) {
+      throw new Error('not a JSON object');
+    }
+  } catch (err) {
+    log(`invalid IDP_RESOURCES: ${err.message}`);
     process.exit(2);
   }
 }
@@ -131,6 +148,22 @@ async function start() {
       introspection: { enabled: true },
       userinfo: { enabled: true },
       clientCredentials: { enabled: true },
+      resourceIndicators: {
+        enabled: Object.keys(resources).length > 0,
+        // No resource at the token endpoint (with openid): a token for the userinfo endpoint,
+        // as without the feature; a resource must be asked for explicitly.
+        useGrantedResource: async () => false,
+        async getResourceServerInfo(ctx, resourceIndicator) {
+          const scope = resources[resourceIndicator];
+          if (scope === undefined) throw new errors.InvalidTarget();
+          return {
+            scope,
+            audience: resourceIndicator,
+            accessTokenTTL: ACCESS_TOKEN_TTL,
+            accessTokenFormat: 'jwt',
+          };
+        },
+      },
       backchannelLogout: { enabled: true },
       rpInitiatedLogout: {
         enabled: true,

@@ -1,0 +1,356 @@
+//! One token per API: routes with `resource`/`scopes` get an access token for exactly that
+//! audience and those scopes (a downscoped refresh grant, RFC 8707 §2.2), `token = "client"`
+//! routes a client-credentials token (RFC 6749 §4.4). Tokens are cached in memory until shortly
+//! before they expire, and each cache key is single-flight: one grant per (session, resource,
+//! scopes) however many requests wait for it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use oauth2::AccessToken;
+use sha2::{Digest, Sha256};
+use tower_cookies::Cookies;
+
+use super::extract::store_error;
+use super::refresh::RefreshError;
+use super::tokens::Session;
+use crate::config::RouteConfig;
+use crate::error::ApiError;
+use crate::idp::{IdpError, TokenTarget};
+use crate::state::AppState;
+
+/// Bound on cached tokens (memory stays flat whatever the number of sessions).
+const MAX_ENTRIES: usize = 10_000;
+/// How long a token whose lifetime the IdP did not state is used.
+const UNKNOWN_LIFETIME: Duration = Duration::from_secs(60);
+
+#[derive(Clone)]
+struct Cached {
+    token: AccessToken,
+    fresh_until: Instant,
+}
+
+/// An error answer, kept so that the requests that waited for a failed grant get the same answer
+/// without a grant of their own (the cause is logged once, with the request that made the grant).
+#[derive(Clone)]
+struct Failure {
+    status: http::StatusCode,
+    code: &'static str,
+    description: String,
+}
+
+impl From<&ApiError> for Failure {
+    fn from(e: &ApiError) -> Self {
+        Failure {
+            status: e.status,
+            code: e.code,
+            description: e.description.to_string(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Flight {
+    /// Grants attempted under this key: a waiter that sees it move took no part in the attempt's
+    /// start, and takes its outcome instead of starting another.
+    attempts: AtomicU64,
+    slot: tokio::sync::Mutex<Option<Result<Cached, Failure>>>,
+}
+
+/// The per-route token cache. Tokens never leave it but into an upstream `Authorization` header;
+/// `Debug` shows nothing.
+#[derive(Default)]
+pub struct RouteTokens {
+    flights: Mutex<HashMap<[u8; 32], Arc<Flight>>>,
+}
+
+impl std::fmt::Debug for RouteTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RouteTokens")
+    }
+}
+
+/// The cache key: who the token is for, and its exact audience and scopes.
+fn key(owner: &str, target: &TokenTarget) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(owner.as_bytes());
+    for part in [&target.resources, &target.scopes] {
+        h.update([0xff]);
+        for s in part {
+            h.update(s.as_bytes());
+            h.update([0]);
+        }
+    }
+    h.finalize().into()
+}
+
+/// Until when a token that lives `expires_in` seconds is used: like the session's own token
+/// (`oauth.refresh_skew_s`, at most half the lifetime), so it is never sent about to expire.
+fn fresh_until(obtained: Instant, expires_in: Option<u64>, skew: Duration) -> Instant {
+    match expires_in {
+        Some(life) => {
+            let window = skew.as_secs().min(life / 2);
+            obtained + Duration::from_secs(life.saturating_sub(window))
+        }
+        None => obtained + UNKNOWN_LIFETIME,
+    }
+}
+
+impl RouteTokens {
+    fn flight(&self, k: [u8; 32]) -> Arc<Flight> {
+        let Ok(mut map) = self.flights.lock() else {
+            return Arc::default();
+        };
+        if let Some(f) = map.get(&k) {
+            return Arc::clone(f);
+        }
+        if map.len() >= MAX_ENTRIES {
+            let now = Instant::now();
+            // Keep what is in use or still fresh; if that is still too much, keep what is in use.
+            let keep = |f: &Arc<Flight>, fresh_only: bool| {
+                Arc::strong_count(f) > 1
+                    || match f.slot.try_lock() {
+                        Ok(slot) => {
+                            fresh_only && matches!(&*slot, Some(Ok(c)) if c.fresh_until > now)
+                        }
+                        Err(_) => true,
+                    }
+            };
+            map.retain(|_, f| keep(f, true));
+            if map.len() >= MAX_ENTRIES {
+                map.retain(|_, f| keep(f, false));
+            }
+        }
+        let f: Arc<Flight> = Arc::default();
+        map.insert(k, Arc::clone(&f));
+        f
+    }
+
+    /// The cached token for `k`, or the one `fetch` obtains (once for all concurrent callers).
+    async fn get_or_fetch<F, Fut>(&self, k: [u8; 32], fetch: F) -> Result<AccessToken, ApiError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Cached, ApiError>>,
+    {
+        let flight = self.flight(k);
+        let seen = flight.attempts.load(Ordering::SeqCst);
+        let mut slot = flight.slot.lock().await;
+        match &*slot {
+            Some(Ok(c)) if c.fresh_until > Instant::now() => return Ok(c.token.clone()),
+            Some(Err(f)) if flight.attempts.load(Ordering::SeqCst) != seen => {
+                return Err(ApiError::new(f.status, f.code, f.description.clone()));
+            }
+            _ => {}
+        }
+        let result = fetch().await;
+        *slot = Some(match &result {
+            Ok(c) => Ok(c.clone()),
+            Err(e) => Err(Failure::from(e)),
+        });
+        flight.attempts.fetch_add(1, Ordering::SeqCst);
+        result.map(|c| c.token)
+    }
+
+    /// How many keys are held (bounded by [`MAX_ENTRIES`] plus those in use).
+    pub fn len(&self) -> usize {
+        self.flights.lock().map_or(0, |m| m.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The user's token for `route`: the session's own access token (refreshed when due) for a
+/// route without `resource`/`scopes`, else a token for exactly the route's audience and scopes.
+pub async fn user_token(
+    state: &AppState,
+    cookies: &Cookies,
+    session: &mut Session,
+    route: &RouteConfig,
+) -> Result<AccessToken, ApiError> {
+    if !route.wants_own_token() {
+        super::extract::ensure_fresh(state, cookies, session).await?;
+        return Ok(session.access_token.clone());
+    }
+    let target = TokenTarget::of(route);
+    let k = key(&format!("user\0{}", session.id), &target);
+    let skew = state.config.oauth.refresh_skew;
+    let target = &target;
+    state
+        .route_tokens
+        .get_or_fetch(k, || async move {
+            let obtained = Instant::now();
+            // In a task of its own: once the IdP may have rotated the refresh token, the new
+            // one must be recorded even if this request goes away meanwhile.
+            let grant = {
+                let (state, s, t) = (state.clone(), session.clone(), target.clone());
+                tokio::spawn(async move { state.store.downscope(&state.idp, &s, &t).await })
+            };
+            let outcome = grant.await.map_err(|e| {
+                ApiError::internal(anyhow::anyhow!("the downscoped grant task failed: {e}"))
+            })?;
+            let out = match outcome {
+                Ok(out) => out,
+                Err(e) => {
+                    if matches!(e, RefreshError::Fatal(_)) {
+                        tracing::info!(reason = %e, "session ended by the authorization server");
+                        state.store.remove(cookies, Some(session)).await;
+                    }
+                    return Err(grant_error(e, &route.prefix));
+                }
+            };
+            if let Some(rotated) = out.rotated {
+                *session = rotated;
+                // Server-side stores wrote it under the lease already.
+                if !state.store.is_server_side() {
+                    state
+                        .store
+                        .save(cookies, session)
+                        .await
+                        .map_err(store_error)?;
+                }
+            }
+            state.metrics.refresh("downscoped");
+            Ok(Cached {
+                token: out.token.access_token,
+                fresh_until: fresh_until(obtained, out.token.expires_in, skew),
+            })
+        })
+        .await
+}
+
+/// The client's own token for `route` (client-credentials grant with the route's resource and
+/// scopes), cached per route.
+pub async fn client_token(state: &AppState, route: &RouteConfig) -> Result<AccessToken, ApiError> {
+    let target = TokenTarget::of(route);
+    let k = key(&format!("client\0{}", route.prefix), &target);
+    let skew = state.config.oauth.refresh_skew;
+    let target = &target;
+    state
+        .route_tokens
+        .get_or_fetch(k, || async move {
+            let obtained = Instant::now();
+            let t = state
+                .idp
+                .client_credentials(target)
+                .await
+                .map_err(|e| match &e {
+                    IdpError::OAuth { error, .. }
+                        if matches!(error.as_str(), "invalid_target" | "invalid_scope") =>
+                    {
+                        grant_error(RefreshError::Refused(e), &route.prefix)
+                    }
+                    _ => grant_error(RefreshError::Transient(e), &route.prefix),
+                })?;
+            Ok(Cached {
+                token: t.access_token,
+                fresh_until: fresh_until(obtained, t.expires_in, skew),
+            })
+        })
+        .await
+}
+
+/// A failed grant as the SPA sees it.
+fn grant_error(e: RefreshError, prefix: &str) -> ApiError {
+    match e {
+        RefreshError::Refused(cause) => {
+            let code = match &cause {
+                IdpError::OAuth { error, .. } if error == "invalid_scope" => "invalid_scope",
+                _ => "invalid_target",
+            };
+            ApiError::new(
+                http::StatusCode::FORBIDDEN,
+                code,
+                format!(
+                    "the authorization server will not issue a token for the API behind {prefix} (audience or scopes not granted)"
+                ),
+            )
+            .with_cause(cause)
+        }
+        RefreshError::NoRefreshToken => ApiError::new(
+            http::StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the session has no refresh token to obtain this API's token with: log in again",
+        ),
+        RefreshError::Fatal(_) => ApiError::new(
+            http::StatusCode::UNAUTHORIZED,
+            "invalid_grant",
+            "the session has ended: log in again",
+        ),
+        RefreshError::Transient(cause) => {
+            ApiError::unavailable("the authorization server is unavailable; try again shortly")
+                .with_cause(cause)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(r: &[&str], s: &[&str]) -> TokenTarget {
+        TokenTarget {
+            resources: r.iter().map(|x| x.to_string()).collect(),
+            scopes: s.iter().map(|x| x.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn keys_tell_sessions_audiences_and_scopes_apart() {
+        let a = target(&["http://a/"], &["x"]);
+        assert_eq!(key("s1", &a), key("s1", &a.clone()));
+        assert_ne!(key("s1", &a), key("s2", &a));
+        assert_ne!(key("s1", &a), key("s1", &target(&["http://b/"], &["x"])));
+        assert_ne!(key("s1", &a), key("s1", &target(&["http://a/"], &["y"])));
+        // No ambiguity between a resource and a scope of the same text.
+        assert_ne!(
+            key("s1", &target(&["x"], &[])),
+            key("s1", &target(&[], &["x"]))
+        );
+    }
+
+    #[test]
+    fn tokens_are_used_until_shortly_before_expiry() {
+        let t0 = Instant::now();
+        let skew = Duration::from_secs(30);
+        assert_eq!(
+            fresh_until(t0, Some(300), skew),
+            t0 + Duration::from_secs(270)
+        );
+        assert_eq!(fresh_until(t0, Some(10), skew), t0 + Duration::from_secs(5));
+        assert_eq!(fresh_until(t0, None, skew), t0 + UNKNOWN_LIFETIME);
+    }
+
+    #[tokio::test]
+    async fn one_fetch_for_concurrent_callers_and_cached_after() {
+        let cache = Arc::new(RouteTokens::default());
+        let calls = Arc::new(AtomicU64::new(0));
+        let k = key("s", &target(&["http://a/"], &[]));
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let cache = Arc::clone(&cache);
+            let calls = Arc::clone(&calls);
+            tasks.push(tokio::spawn(async move {
+                cache
+                    .get_or_fetch(k, || async {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        Ok(Cached {
+                            token: AccessToken::new("t".into()),
+                            fresh_until: Instant::now() + Duration::from_secs(60),
+                        })
+                    })
+                    .await
+                    .map(|t| t.secret().clone())
+                    .ok()
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.ok().flatten().as_deref(), Some("t"));
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+}
