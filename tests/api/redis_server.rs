@@ -1,8 +1,9 @@
 //! A real `redis-server` for tests: started on a free loopback port, killed when dropped; it can
-//! be frozen (SIGSTOP) to play a slow Redis. [`RedisCluster`]: three real cluster nodes.
+//! be frozen (SIGSTOP) to play a slow Redis, or serve TLS only ([`RedisServer::start_tls`], with
+//! a private CA made by the `openssl` CLI). [`RedisCluster`]: three real cluster nodes.
 //! `scripts/test.sh` installs the Debian package when it is missing.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -11,6 +12,102 @@ pub struct RedisServer {
     child: Option<Child>,
     dir: PathBuf,
     persistent: bool,
+    tls: Option<TestCa>,
+}
+
+/// A private test CA and a server certificate it signed for `127.0.0.1` (IP SAN), as PEM files
+/// in a directory: what the operator of an internal Redis has.
+pub struct TestCa {
+    /// The CA certificate: what `session.redis_ca_file` points to.
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("the openssl CLI runs");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl TestCa {
+    /// Generates the CA and the server certificate (EC P-256, valid two days) into `dir`.
+    pub fn generate(dir: &Path) -> TestCa {
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        // `req -x509` marks the CA certificate basicConstraints CA:TRUE (openssl.cnf v3_ca).
+        let mut ca = vec!["req", "-x509"];
+        ca.extend(ec);
+        ca.extend([
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=tokengate test CA",
+        ]);
+        openssl(dir, &ca);
+        // webpki wants an end-entity certificate whose SAN names the address dialled.
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n\
+             keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("write server.ext");
+        let mut csr = vec!["req"];
+        csr.extend(ec);
+        csr.extend([
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        openssl(dir, &csr);
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-CAserial",
+                "ca.srl",
+                "-days",
+                "2",
+                "-extfile",
+                "server.ext",
+                "-out",
+                "server.pem",
+            ],
+        );
+        TestCa {
+            ca_file: dir.join("ca.pem"),
+            cert_file: dir.join("server.pem"),
+            key_file: dir.join("server.key"),
+        }
+    }
 }
 
 async fn ping_port(port: u16) -> bool {
@@ -49,30 +146,90 @@ impl RedisServer {
         Self::start_with(true).await
     }
 
+    /// TLS only (no plain port), with a private CA generated for it ([`RedisServer::ca`]);
+    /// clients are not asked for certificates.
+    pub async fn start_tls() -> RedisServer {
+        Self::start_inner(false, true).await
+    }
+
     async fn start_with(persistent: bool) -> RedisServer {
+        Self::start_inner(persistent, false).await
+    }
+
+    async fn start_inner(persistent: bool, tls: bool) -> RedisServer {
         let port = free_port();
         let dir =
             std::env::temp_dir().join(format!("tokengate-redis-{}-{port}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
+        let tls = tls.then(|| TestCa::generate(&dir));
         let mut s = RedisServer {
             port,
             child: None,
             dir,
             persistent,
+            tls,
         };
         s.spawn().await;
         s
     }
 
+    /// `rediss://` for a TLS server.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// The private CA of a [`RedisServer::start_tls`] server.
+    pub fn ca(&self) -> &TestCa {
+        self.tls.as_ref().expect("a TLS redis-server")
+    }
+
+    /// Runs `redis-cli` against this server (over TLS, trusting its CA, when it is a TLS one):
+    /// an independent client to look at what tokengate stored. Its stdout (`--raw`).
+    pub fn cli(&self, args: &[&str]) -> String {
+        let mut cmd = Command::new("redis-cli");
+        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "--raw"]);
+        if let Some(ca) = &self.tls {
+            cmd.arg("--tls").arg("--cacert").arg(&ca.ca_file);
+        }
+        let out = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli runs");
+        assert!(
+            out.status.success(),
+            "redis-cli {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     async fn spawn(&mut self) {
         let mut cmd = Command::new("redis-server");
-        cmd.arg("--port")
-            .arg(self.port.to_string())
-            .arg("--bind")
+        match &self.tls {
+            Some(ca) => {
+                cmd.arg("--port")
+                    .arg("0")
+                    .arg("--tls-port")
+                    .arg(self.port.to_string())
+                    .arg("--tls-cert-file")
+                    .arg(&ca.cert_file)
+                    .arg("--tls-key-file")
+                    .arg(&ca.key_file)
+                    .arg("--tls-ca-cert-file")
+                    .arg(&ca.ca_file)
+                    .args(["--tls-auth-clients", "no"]);
+            }
+            None => {
+                cmd.arg("--port").arg(self.port.to_string());
+            }
+        }
+        cmd.arg("--bind")
             .arg("127.0.0.1")
             .arg("--dir")
             .arg(&self.dir)
@@ -101,7 +258,18 @@ impl RedisServer {
     }
 
     pub async fn ping(&self) -> bool {
-        ping_port(self.port).await
+        match &self.tls {
+            None => ping_port(self.port).await,
+            Some(ca) => Command::new("redis-cli")
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "--tls"])
+                .arg("--cacert")
+                .arg(&ca.ca_file)
+                .arg("PING")
+                .stdin(Stdio::null())
+                .stderr(Stdio::null())
+                .output()
+                .is_ok_and(|o| o.stdout.starts_with(b"PONG")),
+        }
     }
 
     /// SIGKILL: the server is gone at once.
