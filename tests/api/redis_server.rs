@@ -38,7 +38,45 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+/// `redis-cli` aimed at `port`, over TLS trusting `tls`'s CA when given.
+fn cli_command(port: u16, tls: Option<&TestCa>) -> Command {
+    let mut cmd = Command::new("redis-cli");
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()]);
+    if let Some(ca) = tls {
+        cmd.arg("--tls").arg("--cacert").arg(&ca.ca_file);
+    }
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+async fn cli_ping(port: u16, tls: Option<&TestCa>) -> bool {
+    match tls {
+        None => ping_port(port).await,
+        Some(_) => cli_command(port, tls)
+            .arg("PING")
+            .stderr(Stdio::null())
+            .output()
+            .is_ok_and(|o| o.stdout.starts_with(b"PONG")),
+    }
+}
+
 impl TestCa {
+    /// redis-server arguments: TLS only on `port` (no plain port), clients not asked for
+    /// certificates.
+    fn server_args(&self, cmd: &mut Command, port: u16) {
+        cmd.arg("--port")
+            .arg("0")
+            .arg("--tls-port")
+            .arg(port.to_string())
+            .arg("--tls-cert-file")
+            .arg(&self.cert_file)
+            .arg("--tls-key-file")
+            .arg(&self.key_file)
+            .arg("--tls-ca-cert-file")
+            .arg(&self.ca_file)
+            .args(["--tls-auth-clients", "no"]);
+    }
+
     /// Generates the CA and the server certificate (EC P-256, valid two days) into `dir`.
     pub fn generate(dir: &Path) -> TestCa {
         let ec = [
@@ -62,11 +100,12 @@ impl TestCa {
             "/CN=tokengate test CA",
         ]);
         openssl(dir, &ca);
-        // webpki wants an end-entity certificate whose SAN names the address dialled.
+        // webpki wants an end-entity certificate whose SAN names the address dialled; clientAuth
+        // too because cluster nodes present it to each other (the cluster bus is mutual TLS).
         std::fs::write(
             dir.join("server.ext"),
             "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n\
-             keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+             keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\n",
         )
         .expect("write server.ext");
         let mut csr = vec!["req"];
@@ -191,14 +230,9 @@ impl RedisServer {
     /// Runs `redis-cli` against this server (over TLS, trusting its CA, when it is a TLS one):
     /// an independent client to look at what tokengate stored. Its stdout (`--raw`).
     pub fn cli(&self, args: &[&str]) -> String {
-        let mut cmd = Command::new("redis-cli");
-        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "--raw"]);
-        if let Some(ca) = &self.tls {
-            cmd.arg("--tls").arg("--cacert").arg(&ca.ca_file);
-        }
-        let out = cmd
+        let out = cli_command(self.port, self.tls.as_ref())
+            .arg("--raw")
             .args(args)
-            .stdin(Stdio::null())
             .output()
             .expect("redis-cli runs");
         assert!(
@@ -212,19 +246,7 @@ impl RedisServer {
     async fn spawn(&mut self) {
         let mut cmd = Command::new("redis-server");
         match &self.tls {
-            Some(ca) => {
-                cmd.arg("--port")
-                    .arg("0")
-                    .arg("--tls-port")
-                    .arg(self.port.to_string())
-                    .arg("--tls-cert-file")
-                    .arg(&ca.cert_file)
-                    .arg("--tls-key-file")
-                    .arg(&ca.key_file)
-                    .arg("--tls-ca-cert-file")
-                    .arg(&ca.ca_file)
-                    .args(["--tls-auth-clients", "no"]);
-            }
+            Some(ca) => ca.server_args(&mut cmd, self.port),
             None => {
                 cmd.arg("--port").arg(self.port.to_string());
             }
@@ -258,18 +280,7 @@ impl RedisServer {
     }
 
     pub async fn ping(&self) -> bool {
-        match &self.tls {
-            None => ping_port(self.port).await,
-            Some(ca) => Command::new("redis-cli")
-                .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "--tls"])
-                .arg("--cacert")
-                .arg(&ca.ca_file)
-                .arg("PING")
-                .stdin(Stdio::null())
-                .stderr(Stdio::null())
-                .output()
-                .is_ok_and(|o| o.stdout.starts_with(b"PONG")),
-        }
+        cli_ping(self.port, self.tls.as_ref()).await
     }
 
     /// SIGKILL: the server is gone at once.
@@ -344,10 +355,26 @@ pub struct RedisCluster {
     pub ports: Vec<u16>,
     children: Vec<Child>,
     dir: PathBuf,
+    tls: Option<TestCa>,
 }
 
 impl RedisCluster {
     pub async fn start() -> RedisCluster {
+        Self::start_inner(false).await
+    }
+
+    /// TLS only, for clients and between the nodes (`--tls-cluster yes`), with a private CA
+    /// ([`RedisCluster::ca`]).
+    pub async fn start_tls() -> RedisCluster {
+        Self::start_inner(true).await
+    }
+
+    /// The private CA of a [`RedisCluster::start_tls`] cluster.
+    pub fn ca(&self) -> &TestCa {
+        self.tls.as_ref().expect("a TLS cluster")
+    }
+
+    async fn start_inner(tls: bool) -> RedisCluster {
         let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let dir = std::env::temp_dir().join(format!(
             "tokengate-redis-cluster-{}-{}",
@@ -355,15 +382,25 @@ impl RedisCluster {
             ports[0]
         ));
         let _ = std::fs::create_dir_all(&dir);
+        let tls = tls.then(|| TestCa::generate(&dir));
         let mut cluster = RedisCluster {
             ports: ports.clone(),
             children: Vec::new(),
             dir,
+            tls,
         };
         for p in &ports {
-            let child = Command::new("redis-server")
-                .arg("--port")
-                .arg(p.to_string())
+            let mut cmd = Command::new("redis-server");
+            match &cluster.tls {
+                Some(ca) => {
+                    ca.server_args(&mut cmd, *p);
+                    cmd.args(["--tls-cluster", "yes"]);
+                }
+                None => {
+                    cmd.arg("--port").arg(p.to_string());
+                }
+            }
+            let child = cmd
                 .arg("--bind")
                 .arg("127.0.0.1")
                 .arg("--dir")
@@ -385,7 +422,7 @@ impl RedisCluster {
         for p in &ports {
             let mut up = false;
             for _ in 0..200 {
-                if ping_port(*p).await {
+                if cli_ping(*p, cluster.tls.as_ref()).await {
                     up = true;
                     break;
                 }
@@ -393,14 +430,13 @@ impl RedisCluster {
             }
             assert!(up, "cluster node on port {p} did not start");
         }
-        let mut create = Command::new("redis-cli");
+        let mut create = cli_command(ports[0], cluster.tls.as_ref());
         create.arg("--cluster").arg("create");
         for p in &ports {
             create.arg(format!("127.0.0.1:{p}"));
         }
         let out = create
             .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .stdin(Stdio::null())
             .output()
             .expect("redis-cli runs");
         assert!(
@@ -409,7 +445,7 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stdout)
         );
         for _ in 0..400 {
-            if ports.iter().all(|p| cluster_ok(*p)) {
+            if ports.iter().all(|p| cluster_ok(*p, cluster.tls.as_ref())) {
                 return cluster;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -417,19 +453,39 @@ impl RedisCluster {
         panic!("the cluster did not reach cluster_state:ok");
     }
 
+    /// Runs `redis-cli` against the node on `port` (over TLS for a TLS cluster); its stdout.
+    pub fn cli_on(&self, port: u16, args: &[&str]) -> String {
+        let out = cli_command(port, self.tls.as_ref())
+            .arg("--raw")
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        assert!(
+            out.status.success(),
+            "redis-cli {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Every node, comma-separated: the `session.redis_url` form for a Redis Cluster.
     pub fn url(&self) -> String {
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
         self.ports
             .iter()
-            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .map(|p| format!("{scheme}://127.0.0.1:{p}"))
             .collect::<Vec<_>>()
             .join(",")
     }
 }
 
-fn cluster_ok(port: u16) -> bool {
-    Command::new("redis-cli")
-        .args(["-p", &port.to_string(), "cluster", "info"])
+fn cluster_ok(port: u16, tls: Option<&TestCa>) -> bool {
+    cli_command(port, tls)
+        .args(["cluster", "info"])
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
 }

@@ -1,8 +1,9 @@
 //! `session.redis_url = "rediss://..."` against a real TLS-only `redis-server` whose certificate
 //! comes from a private CA (made with the `openssl` CLI for each test): trusted through
 //! `session.redis_ca_file` it serves the whole session life; without it (webpki roots only) the
-//! server is not trusted and tokengate fails closed. And the key's checks at load. Each test
-//! starts its own redis-server, so these run in both suite passes.
+//! server is not trusted and tokengate fails closed. The same for a TLS Redis Cluster given as
+//! its nodes. And the key's checks at load. Each test starts its own redis-server(s), so these
+//! run in both suite passes.
 
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use serde_json::Value;
 use tokengate::config::Config;
 
 use crate::helpers::*;
-use crate::redis_server::{RedisServer, TestCa};
+use crate::redis_server::{RedisCluster, RedisServer, TestCa};
 
 fn ca_line(redis: &RedisServer) -> String {
     format!("redis_ca_file = \"{}\"", redis.ca().ca_file.display())
@@ -184,6 +185,84 @@ async fn a_tls_redis_whose_ca_is_not_trusted_fails_closed() {
 
     // The untrusted replica touched nothing: the session still works where Redis is trusted.
     assert_eq!(trusted.get_userinfo().await.status(), 200);
+}
+
+/// A TLS-only three-node Redis Cluster (`--tls-cluster yes`), its nodes as rediss:// URLs and
+/// its private CA in `session.redis_ca_file`: the cluster client trusts that CA on every node
+/// it discovers. Login, a proxied call, refresh from one replica and use from the other, logout;
+/// without the CA the cluster is untrusted and /readyz is 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_redis_cluster_with_a_private_ca_serves_sessions() {
+    let cluster = RedisCluster::start_tls().await;
+    assert!(cluster.url().starts_with("rediss://"));
+    let idp = FakeIdp::start().await;
+    let ca = format!("redis_ca_file = \"{}\"", cluster.ca().ca_file.display());
+    let on_cluster = || AppOptions {
+        redis_url: Some(cluster.url()),
+        ..AppOptions::default()
+    };
+    let a = spawn_app_with(on_cluster().idp(&idp).session(&ca)).await;
+    let b = spawn_app_with(on_cluster().idp(&idp).session(&ca)).await;
+    let session_keys = || -> usize {
+        cluster
+            .ports
+            .iter()
+            .map(|p| {
+                cluster
+                    .cli_on(*p, &["KEYS", "tg:{*}:s"])
+                    .lines()
+                    .filter(|l| !l.is_empty())
+                    .count()
+            })
+            .sum()
+    };
+    assert_eq!(get(&a, "/readyz").await.status(), 200);
+    assert_eq!(session_keys(), 0);
+
+    a.login().await;
+    assert_eq!(session_keys(), 1, "the session lives in the TLS cluster");
+    assert_eq!(a.get_userinfo().await.status(), 200);
+    assert_eq!(a.get_api("/api/over-tls-cluster").await.status(), 200);
+    assert_eq!(a.post_refresh().await.status(), 200);
+    assert_eq!(idp.refresh_grants(), 1);
+    let refreshed = idp.last_access_token().expect("access token");
+    let cookie = a.session_cookie_header();
+    let r = b
+        .raw_client
+        .get(b.url("/api/from-replica-b"))
+        .header("Cookie", &cookie)
+        .header("X-CSRF", "1")
+        .send()
+        .await
+        .expect("GET /api on b");
+    assert_eq!(r.status(), 200, "replica b reads the session over TLS");
+    assert_eq!(
+        b.api.last().header("authorization"),
+        Some(format!("Bearer {refreshed}").as_str())
+    );
+    assert_eq!(a.post_logout().await.status(), 200);
+    assert_eq!(session_keys(), 0, "logout deleted it from the cluster");
+
+    let untrusted = spawn_app_with(on_cluster().idp(&idp).no_wait()).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = untrusted
+            .raw_client
+            .get(untrusted.url("/readyz"))
+            .send()
+            .await
+        {
+            let status = r.status();
+            let body: Value = r.json().await.expect("readyz json");
+            if body["checks"]["idp_metadata"] == true && body["checks"]["idp_jwks"] == true {
+                assert_eq!(status, 503, "{body}");
+                assert_eq!(body["checks"]["session_store"], false, "{body}");
+                break;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no IdP metadata");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
