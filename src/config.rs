@@ -155,6 +155,7 @@ impl Default for RawOAuth {
 struct RawSession {
     store: String,
     redis_url: Option<String>,
+    redis_ca_file: Option<String>,
     keys: Vec<String>,
     idle_timeout_s: u64,
     absolute_timeout_s: u64,
@@ -165,6 +166,7 @@ impl Default for RawSession {
         Self {
             store: "cookie".into(),
             redis_url: None,
+            redis_ca_file: None,
             keys: vec![],
             idle_timeout_s: 3600,
             absolute_timeout_s: 86400,
@@ -331,6 +333,26 @@ fn load_client_key(path: &str, kid: Option<String>) -> Result<ClientKey, String>
     Ok(ClientKey { key, alg, kid })
 }
 
+/// Reads `path` and checks that it holds at least one PEM certificate usable as a trust anchor
+/// (the same parsing redis-rs does when it connects, so a bad file fails at start-up, not later).
+fn load_ca_roots(path: &str) -> Result<Vec<u8>, String> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read `{path}`: {e}"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| format!("`{path}` is not valid PEM: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("`{path}`: a certificate is not a usable CA certificate: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err(format!(
+            "`{path}` holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+        ));
+    }
+    Ok(pem)
+}
+
 #[derive(Clone, PartialEq, Eq)]
 pub enum StoreKind {
     Cookie,
@@ -450,6 +472,9 @@ pub struct ExplicitEndpoints {
 #[derive(Clone)]
 pub struct SessionConfig {
     pub store: StoreKind,
+    /// `session.redis_ca_file`, read and checked at load: PEM CA certificates that are then the
+    /// only roots trusted for `rediss://` (instead of the webpki roots).
+    pub redis_ca_pem: Option<Vec<u8>>,
     /// 32-byte keys: the first seals, all open (rotation).
     pub keys: Vec<[u8; 32]>,
     pub idle_timeout: Duration,
@@ -460,6 +485,17 @@ impl fmt::Debug for SessionConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SessionConfig")
             .field("store", &self.store)
+            .field(
+                "redis_ca_pem",
+                &format_args!(
+                    "{}",
+                    if self.redis_ca_pem.is_some() {
+                        "set"
+                    } else {
+                        "none"
+                    }
+                ),
+            )
             .field("keys", &format_args!("[{} redacted]", self.keys.len()))
             .field("idle_timeout", &self.idle_timeout)
             .field("absolute_timeout", &self.absolute_timeout)
@@ -1108,6 +1144,23 @@ fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
             }
         }
     }
+    let redis_ca_pem = raw.session.redis_ca_file.as_deref().and_then(|path| {
+        let tls_only = raw.session.redis_url.as_deref().is_some_and(|u| {
+            u.split(',')
+                .map(str::trim)
+                .all(|node| node.starts_with("rediss://"))
+        });
+        if !tls_only {
+            problems.push("session.redis_ca_file: only for TLS, but session.redis_url is not (every node) a rediss:// URL".into());
+        }
+        match load_ca_roots(path) {
+            Ok(pem) => Some(pem),
+            Err(e) => {
+                problems.push(format!("session.redis_ca_file: {e}"));
+                None
+            }
+        }
+    });
     let mut keys = Vec::new();
     for (i, k) in raw.session.keys.iter().enumerate() {
         match decode_key(k) {
@@ -1350,6 +1403,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
         },
         session: SessionConfig {
             store: store?,
+            redis_ca_pem,
             keys,
             idle_timeout,
             absolute_timeout,

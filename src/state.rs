@@ -57,7 +57,11 @@ impl Shared {
         let s = &config.session;
         let redis = match &s.store {
             StoreKind::Cookie => None,
-            StoreKind::Redis(url) => Some(RedisStore::new(url, sealer.clone())?),
+            StoreKind::Redis(url) => Some(RedisStore::with_tls_roots(
+                url,
+                s.redis_ca_pem.as_deref(),
+                sealer.clone(),
+            )?),
         };
         let store = SessionStore::new(
             redis,

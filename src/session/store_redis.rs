@@ -8,8 +8,10 @@
 //! - `tg:jti:<jti>` — logout-token ids already used (replay protection);
 //! - `tg:state:<sha256(state)>` — login states already consumed (single use across replicas).
 //!
-//! Every call has a timeout; an unreachable Redis gives `StoreError::Unavailable` (503), never a
-//! hang or a panic, and the connection manager reconnects by itself.
+//! TLS (`rediss://`) checks the server against the webpki roots, or only against the CAs of
+//! `session.redis_ca_file` when set. Every call has a timeout; an unreachable (or untrusted)
+//! Redis gives `StoreError::Unavailable` (503), never a hang or a panic, and the connection
+//! manager reconnects by itself.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -117,23 +119,43 @@ fn index_keys(s: &Session) -> Vec<String> {
 }
 
 impl RedisStore {
-    /// `url`: `redis://` or `rediss://` (TLS); several comma-separated URLs: a Redis Cluster.
+    /// `url`: `redis://` or `rediss://` (TLS, the server checked against the webpki roots);
+    /// several comma-separated URLs: a Redis Cluster.
     /// Connecting happens in the background: tokengate starts while Redis is down.
     pub fn new(url: &str, sealer: Sealer) -> anyhow::Result<Arc<Self>> {
+        Self::with_tls_roots(url, None, sealer)
+    }
+
+    /// As [`Self::new`]; with `ca_pem` (PEM CA certificates, `session.redis_ca_file`) a
+    /// `rediss://` server must present a certificate chaining to one of those, and to nothing
+    /// else: the webpki roots are not trusted then (a private CA stays private).
+    pub fn with_tls_roots(
+        url: &str,
+        ca_pem: Option<&[u8]>,
+        sealer: Sealer,
+    ) -> anyhow::Result<Arc<Self>> {
         let urls: Vec<&str> = url
             .split(',')
             .map(str::trim)
             .filter(|u| !u.is_empty())
             .collect();
+        let certs = ca_pem.map(|pem| redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem.to_vec()),
+        });
         let target = if urls.len() > 1 {
-            Target::Cluster(
-                redis::cluster::ClusterClientBuilder::new(urls)
-                    .connection_timeout(CALL_TIMEOUT)
-                    .response_timeout(CALL_TIMEOUT)
-                    .build()?,
-            )
+            let mut builder = redis::cluster::ClusterClientBuilder::new(urls)
+                .connection_timeout(CALL_TIMEOUT)
+                .response_timeout(CALL_TIMEOUT);
+            if let Some(certs) = certs {
+                builder = builder.certs(certs);
+            }
+            Target::Cluster(builder.build()?)
         } else {
-            Target::Single(redis::Client::open(url)?)
+            match certs {
+                Some(certs) => Target::Single(redis::Client::build_with_tls(url.trim(), certs)?),
+                None => Target::Single(redis::Client::open(url)?),
+            }
         };
         Ok(Arc::new(Self {
             target,

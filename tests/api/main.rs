@@ -18,6 +18,7 @@ mod operations;
 mod proxy;
 mod redis_gaps;
 mod redis_server;
+mod redis_tls;
 mod refresh;
 mod replicas;
 mod route_tokens;

@@ -1,8 +1,9 @@
 //! A real `redis-server` for tests: started on a free loopback port, killed when dropped; it can
-//! be frozen (SIGSTOP) to play a slow Redis. [`RedisCluster`]: three real cluster nodes.
+//! be frozen (SIGSTOP) to play a slow Redis, or serve TLS only ([`RedisServer::start_tls`], with
+//! a private CA made by the `openssl` CLI). [`RedisCluster`]: three real cluster nodes.
 //! `scripts/test.sh` installs the Debian package when it is missing.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -11,6 +12,141 @@ pub struct RedisServer {
     child: Option<Child>,
     dir: PathBuf,
     persistent: bool,
+    tls: Option<TestCa>,
+}
+
+/// A private test CA and a server certificate it signed for `127.0.0.1` (IP SAN), as PEM files
+/// in a directory: what the operator of an internal Redis has.
+pub struct TestCa {
+    /// The CA certificate: what `session.redis_ca_file` points to.
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("the openssl CLI runs");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `redis-cli` aimed at `port`, over TLS trusting `tls`'s CA when given.
+fn cli_command(port: u16, tls: Option<&TestCa>) -> Command {
+    let mut cmd = Command::new("redis-cli");
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()]);
+    if let Some(ca) = tls {
+        cmd.arg("--tls").arg("--cacert").arg(&ca.ca_file);
+    }
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+async fn cli_ping(port: u16, tls: Option<&TestCa>) -> bool {
+    match tls {
+        None => ping_port(port).await,
+        Some(_) => cli_command(port, tls)
+            .arg("PING")
+            .stderr(Stdio::null())
+            .output()
+            .is_ok_and(|o| o.stdout.starts_with(b"PONG")),
+    }
+}
+
+impl TestCa {
+    /// redis-server arguments: TLS only on `port` (no plain port), clients not asked for
+    /// certificates.
+    fn server_args(&self, cmd: &mut Command, port: u16) {
+        cmd.arg("--port")
+            .arg("0")
+            .arg("--tls-port")
+            .arg(port.to_string())
+            .arg("--tls-cert-file")
+            .arg(&self.cert_file)
+            .arg("--tls-key-file")
+            .arg(&self.key_file)
+            .arg("--tls-ca-cert-file")
+            .arg(&self.ca_file)
+            .args(["--tls-auth-clients", "no"]);
+    }
+
+    /// Generates the CA and the server certificate (EC P-256, valid two days) into `dir`.
+    pub fn generate(dir: &Path) -> TestCa {
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        // `req -x509` marks the CA certificate basicConstraints CA:TRUE (openssl.cnf v3_ca).
+        let mut ca = vec!["req", "-x509"];
+        ca.extend(ec);
+        ca.extend([
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=tokengate test CA",
+        ]);
+        openssl(dir, &ca);
+        // webpki wants an end-entity certificate whose SAN names the address dialled; clientAuth
+        // too because cluster nodes present it to each other (the cluster bus is mutual TLS).
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n\
+             keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\n",
+        )
+        .expect("write server.ext");
+        let mut csr = vec!["req"];
+        csr.extend(ec);
+        csr.extend([
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        openssl(dir, &csr);
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-CAserial",
+                "ca.srl",
+                "-days",
+                "2",
+                "-extfile",
+                "server.ext",
+                "-out",
+                "server.pem",
+            ],
+        );
+        TestCa {
+            ca_file: dir.join("ca.pem"),
+            cert_file: dir.join("server.pem"),
+            key_file: dir.join("server.key"),
+        }
+    }
 }
 
 async fn ping_port(port: u16) -> bool {
@@ -49,30 +185,73 @@ impl RedisServer {
         Self::start_with(true).await
     }
 
+    /// TLS only (no plain port), with a private CA generated for it ([`RedisServer::ca`]);
+    /// clients are not asked for certificates.
+    pub async fn start_tls() -> RedisServer {
+        Self::start_inner(false, true).await
+    }
+
     async fn start_with(persistent: bool) -> RedisServer {
+        Self::start_inner(persistent, false).await
+    }
+
+    async fn start_inner(persistent: bool, tls: bool) -> RedisServer {
         let port = free_port();
         let dir =
             std::env::temp_dir().join(format!("tokengate-redis-{}-{port}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
+        let tls = tls.then(|| TestCa::generate(&dir));
         let mut s = RedisServer {
             port,
             child: None,
             dir,
             persistent,
+            tls,
         };
         s.spawn().await;
         s
     }
 
+    /// `rediss://` for a TLS server.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// The private CA of a [`RedisServer::start_tls`] server.
+    pub fn ca(&self) -> &TestCa {
+        self.tls.as_ref().expect("a TLS redis-server")
+    }
+
+    /// Runs `redis-cli` against this server (over TLS, trusting its CA, when it is a TLS one):
+    /// an independent client to look at what tokengate stored. Its stdout (`--raw`).
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = cli_command(self.port, self.tls.as_ref())
+            .arg("--raw")
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        assert!(
+            out.status.success(),
+            "redis-cli {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     async fn spawn(&mut self) {
         let mut cmd = Command::new("redis-server");
-        cmd.arg("--port")
-            .arg(self.port.to_string())
-            .arg("--bind")
+        match &self.tls {
+            Some(ca) => ca.server_args(&mut cmd, self.port),
+            None => {
+                cmd.arg("--port").arg(self.port.to_string());
+            }
+        }
+        cmd.arg("--bind")
             .arg("127.0.0.1")
             .arg("--dir")
             .arg(&self.dir)
@@ -101,7 +280,7 @@ impl RedisServer {
     }
 
     pub async fn ping(&self) -> bool {
-        ping_port(self.port).await
+        cli_ping(self.port, self.tls.as_ref()).await
     }
 
     /// SIGKILL: the server is gone at once.
@@ -176,10 +355,26 @@ pub struct RedisCluster {
     pub ports: Vec<u16>,
     children: Vec<Child>,
     dir: PathBuf,
+    tls: Option<TestCa>,
 }
 
 impl RedisCluster {
     pub async fn start() -> RedisCluster {
+        Self::start_inner(false).await
+    }
+
+    /// TLS only, for clients and between the nodes (`--tls-cluster yes`), with a private CA
+    /// ([`RedisCluster::ca`]).
+    pub async fn start_tls() -> RedisCluster {
+        Self::start_inner(true).await
+    }
+
+    /// The private CA of a [`RedisCluster::start_tls`] cluster.
+    pub fn ca(&self) -> &TestCa {
+        self.tls.as_ref().expect("a TLS cluster")
+    }
+
+    async fn start_inner(tls: bool) -> RedisCluster {
         let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let dir = std::env::temp_dir().join(format!(
             "tokengate-redis-cluster-{}-{}",
@@ -187,15 +382,25 @@ impl RedisCluster {
             ports[0]
         ));
         let _ = std::fs::create_dir_all(&dir);
+        let tls = tls.then(|| TestCa::generate(&dir));
         let mut cluster = RedisCluster {
             ports: ports.clone(),
             children: Vec::new(),
             dir,
+            tls,
         };
         for p in &ports {
-            let child = Command::new("redis-server")
-                .arg("--port")
-                .arg(p.to_string())
+            let mut cmd = Command::new("redis-server");
+            match &cluster.tls {
+                Some(ca) => {
+                    ca.server_args(&mut cmd, *p);
+                    cmd.args(["--tls-cluster", "yes"]);
+                }
+                None => {
+                    cmd.arg("--port").arg(p.to_string());
+                }
+            }
+            let child = cmd
                 .arg("--bind")
                 .arg("127.0.0.1")
                 .arg("--dir")
@@ -217,7 +422,7 @@ impl RedisCluster {
         for p in &ports {
             let mut up = false;
             for _ in 0..200 {
-                if ping_port(*p).await {
+                if cli_ping(*p, cluster.tls.as_ref()).await {
                     up = true;
                     break;
                 }
@@ -225,14 +430,13 @@ impl RedisCluster {
             }
             assert!(up, "cluster node on port {p} did not start");
         }
-        let mut create = Command::new("redis-cli");
+        let mut create = cli_command(ports[0], cluster.tls.as_ref());
         create.arg("--cluster").arg("create");
         for p in &ports {
             create.arg(format!("127.0.0.1:{p}"));
         }
         let out = create
             .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .stdin(Stdio::null())
             .output()
             .expect("redis-cli runs");
         assert!(
@@ -241,7 +445,7 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stdout)
         );
         for _ in 0..400 {
-            if ports.iter().all(|p| cluster_ok(*p)) {
+            if ports.iter().all(|p| cluster_ok(*p, cluster.tls.as_ref())) {
                 return cluster;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -249,19 +453,39 @@ impl RedisCluster {
         panic!("the cluster did not reach cluster_state:ok");
     }
 
+    /// Runs `redis-cli` against the node on `port` (over TLS for a TLS cluster); its stdout.
+    pub fn cli_on(&self, port: u16, args: &[&str]) -> String {
+        let out = cli_command(port, self.tls.as_ref())
+            .arg("--raw")
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        assert!(
+            out.status.success(),
+            "redis-cli {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Every node, comma-separated: the `session.redis_url` form for a Redis Cluster.
     pub fn url(&self) -> String {
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
         self.ports
             .iter()
-            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .map(|p| format!("{scheme}://127.0.0.1:{p}"))
             .collect::<Vec<_>>()
             .join(",")
     }
 }
 
-fn cluster_ok(port: u16) -> bool {
-    Command::new("redis-cli")
-        .args(["-p", &port.to_string(), "cluster", "info"])
+fn cluster_ok(port: u16, tls: Option<&TestCa>) -> bool {
+    cli_command(port, tls)
+        .args(["cluster", "info"])
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
 }
