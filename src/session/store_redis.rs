@@ -413,6 +413,24 @@ impl RedisStore {
         Ok(self.invoke::<i64>(inv).await? == 1)
     }
 
+    /// Runs `work` if this owner gets the session's refresh lease (`None` when another holds
+    /// it), releasing the lease afterwards; an unreleased lease expires by itself.
+    async fn while_leased<T>(
+        &self,
+        sid: &str,
+        owner: &str,
+        work: impl std::future::Future<Output = T>,
+    ) -> Result<Option<T>, RefreshError> {
+        if !self.try_lease(sid, owner).await.map_err(store_down)? {
+            return Ok(None);
+        }
+        let result = work.await;
+        if let Err(e) = self.release_lease(sid, owner).await {
+            tracing::warn!(error = %e, "could not release the refresh lease");
+        }
+        Ok(Some(result))
+    }
+
     /// One refresh grant for the session across all replicas: the holder of the lease refreshes
     /// (after re-reading the session: another replica may have done it already) and writes with
     /// compare-and-swap; the others wait for the new generation and use it.
@@ -423,26 +441,17 @@ impl RedisStore {
         idle: Duration,
         absolute: Duration,
     ) -> Result<Session, RefreshError> {
-        let store_down = |e: StoreError| {
-            RefreshError::Transient(IdpError::Transport(format!("session store: {e}")))
-        };
-        let mut owner = [0u8; 16];
-        rand::rngs::OsRng.fill_bytes(&mut owner);
-        let owner: String = owner.iter().map(|b| format!("{b:02x}")).collect();
+        let owner = new_lease_owner();
         let deadline = tokio::time::Instant::now() + LEASE_WAIT;
         loop {
-            if self
-                .try_lease(&session.id, &owner)
-                .await
-                .map_err(store_down)?
+            if let Some(result) = self
+                .while_leased(
+                    &session.id,
+                    &owner,
+                    self.refresh_holding_lease(idp, session, idle, absolute),
+                )
+                .await?
             {
-                let result = self
-                    .refresh_holding_lease(idp, session, idle, absolute)
-                    .await;
-                if let Err(e) = self.release_lease(&session.id, &owner).await {
-                    // The lease expires by itself.
-                    tracing::warn!(error = %e, "could not release the refresh lease");
-                }
                 return result;
             }
             // Someone else is refreshing: wait for their write.
@@ -471,25 +480,17 @@ impl RedisStore {
         idle: Duration,
         absolute: Duration,
     ) -> Result<Downscoped, RefreshError> {
-        let store_down = |e: StoreError| {
-            RefreshError::Transient(IdpError::Transport(format!("session store: {e}")))
-        };
-        let mut owner = [0u8; 16];
-        rand::rngs::OsRng.fill_bytes(&mut owner);
-        let owner: String = owner.iter().map(|b| format!("{b:02x}")).collect();
+        let owner = new_lease_owner();
         let deadline = tokio::time::Instant::now() + LEASE_WAIT;
         loop {
-            if self
-                .try_lease(&session.id, &owner)
-                .await
-                .map_err(store_down)?
+            if let Some(result) = self
+                .while_leased(
+                    &session.id,
+                    &owner,
+                    self.downscope_holding_lease(idp, &session.id, target, idle, absolute),
+                )
+                .await?
             {
-                let result = self
-                    .downscope_holding_lease(idp, &session.id, target, idle, absolute)
-                    .await;
-                if let Err(e) = self.release_lease(&session.id, &owner).await {
-                    tracing::warn!(error = %e, "could not release the refresh lease");
-                }
                 return result;
             }
             tokio::time::sleep(LEASE_POLL).await;
@@ -507,9 +508,6 @@ impl RedisStore {
         idle: Duration,
         absolute: Duration,
     ) -> Result<Downscoped, RefreshError> {
-        let store_down = |e: StoreError| {
-            RefreshError::Transient(IdpError::Transport(format!("session store: {e}")))
-        };
         let ended = || RefreshError::Fatal("the session ended".into());
         // The stored session holds the newest refresh token (another replica may have rotated it).
         let mut current = self.get(sid).await.map_err(store_down)?.ok_or_else(ended)?;
@@ -564,9 +562,6 @@ impl RedisStore {
         idle: Duration,
         absolute: Duration,
     ) -> Result<Session, RefreshError> {
-        let store_down = |e: StoreError| {
-            RefreshError::Transient(IdpError::Transport(format!("session store: {e}")))
-        };
         let Some(current) = self.get(&seen.id).await.map_err(store_down)? else {
             return Err(RefreshError::Fatal("the session ended".into()));
         };
@@ -593,4 +588,16 @@ impl RedisStore {
             Err(e) => Err(store_down(e)),
         }
     }
+}
+
+/// A session-store failure during a refresh: transient (the session is kept).
+fn store_down(e: StoreError) -> RefreshError {
+    RefreshError::Transient(IdpError::Transport(format!("session store: {e}")))
+}
+
+/// A random owner token for the refresh lease (128 bits, hex).
+fn new_lease_owner() -> String {
+    let mut owner = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut owner);
+    owner.iter().map(|b| format!("{b:02x}")).collect()
 }
