@@ -197,7 +197,7 @@ fn header_benches(c: &mut Criterion, fx: &RsaFixture) {
     g.bench_function("set_authorization", |b| {
         b.iter_batched_ref(
             || base.clone(),
-            |h| set_authorization(h, black_box(access_token)),
+            |h| set_authorization(h, black_box(access_token), None),
             BatchSize::SmallInput,
         )
     });
@@ -216,7 +216,7 @@ fn header_benches(c: &mut Criterion, fx: &RsaFixture) {
                 strip_hop_by_hop(h);
                 h.remove(http::header::HOST);
                 strip_our_cookies(h, &rules);
-                set_authorization(h, access_token);
+                set_authorization(h, access_token, None);
                 set_forwarded(h, peer, false, "https", "app.example.com");
             },
             BatchSize::SmallInput,

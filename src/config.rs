@@ -113,6 +113,8 @@ struct RawOAuth {
     private_key_file: Option<String>,
     private_key_kid: Option<String>,
     par: String,
+    dpop: bool,
+    dpop_key_file: Option<String>,
     refresh_skew_s: u64,
     clock_skew_s: u64,
     http_timeout_s: u64,
@@ -141,6 +143,8 @@ impl Default for RawOAuth {
             private_key_file: None,
             private_key_kid: None,
             par: "auto".into(),
+            dpop: false,
+            dpop_key_file: None,
             refresh_skew_s: 30,
             clock_skew_s: 60,
             http_timeout_s: 10,
@@ -197,7 +201,16 @@ struct RawRoute {
     resource: Option<OneOrMany>,
     scopes: Option<OneOrMany>,
     token: Option<String>,
+    exchange: Option<RawExchange>,
     timeout_s: Option<u64>,
+}
+
+/// `routes[].exchange = { audience = "...", scope = "..." }` (RFC 8693).
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct RawExchange {
+    audience: String,
+    scope: Option<String>,
 }
 
 /// A key that takes one string or a list of strings (`resource = "https://a/"` or
@@ -442,6 +455,8 @@ pub struct OAuthConfig {
     pub client_auth: ClientAuth,
     pub client_key: Option<ClientKey>,
     pub par: Par,
+    /// `oauth.dpop`: the DPoP key (RFC 9449) that binds every token to this deployment.
+    pub dpop: Option<std::sync::Arc<crate::idp::dpop::Dpop>>,
     pub extra_authorize_params: BTreeMap<String, String>,
     pub post_logout_redirect_uri: String,
     pub endpoints: ExplicitEndpoints,
@@ -532,7 +547,17 @@ pub struct RouteConfig {
     /// The scopes this route's token is narrowed to (`scopes`); empty: as granted.
     pub scopes: Vec<String>,
     pub token: RouteToken,
+    /// `exchange`: the session's access token is exchanged for one meant for this API (RFC 8693).
+    pub exchange: Option<Exchange>,
     pub timeout: Duration,
+}
+
+/// What a route's token exchange asks for (RFC 8693 §2.1 `audience`, `scope`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exchange {
+    pub audience: String,
+    /// Space-separated; `None`: what the authorization server grants for the audience.
+    pub scope: Option<String>,
 }
 
 impl RouteConfig {
@@ -629,15 +654,16 @@ impl Config {
             }
         }
         let mut unknown = Vec::new();
-        let raw: RawConfig =
-            match serde_ignored::deserialize(value, |path| unknown.push(path.to_string())) {
-                Ok(raw) => raw,
-                Err(e) => {
-                    problems.push(format!("{e}"));
-                    problems.extend(unknown.iter().map(|k| format!("{k}: unknown key")));
-                    return Err(ConfigError { problems });
-                }
-            };
+        let raw: RawConfig = match serde_ignored::deserialize(value, |path| {
+            unknown.push(path.to_string().replace(".?", ""))
+        }) {
+            Ok(raw) => raw,
+            Err(e) => {
+                problems.push(format!("{e}"));
+                problems.extend(unknown.iter().map(|k| format!("{k}: unknown key")));
+                return Err(ConfigError { problems });
+            }
+        };
         problems.extend(unknown.iter().map(|k| format!("{k}: unknown key")));
         let cfg = validate(raw, &mut problems);
         if problems.is_empty() {
@@ -1176,6 +1202,36 @@ fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
         keys.push(k);
         warnings.push("session.keys is empty: generated a random key for this process only; sessions will not survive a restart and replicas will not share them. Set session.keys (see `tokengate keygen`).".into());
     }
+    let dpop = match (raw.oauth.dpop, &raw.oauth.dpop_key_file) {
+        (true, Some(path)) => match std::fs::read_to_string(path) {
+            Ok(pem) => match crate::idp::dpop::Dpop::from_pem(&pem) {
+                Ok(d) => Some(std::sync::Arc::new(d)),
+                Err(e) => {
+                    problems.push(format!("oauth.dpop_key_file: `{path}` is {e}"));
+                    None
+                }
+            },
+            Err(e) => {
+                problems.push(format!("oauth.dpop_key_file: cannot read `{path}`: {e}"));
+                None
+            }
+        },
+        (true, None) => {
+            if raw.session.keys.is_empty() {
+                warnings.push("oauth.dpop without session.keys or oauth.dpop_key_file: the DPoP key is this process's own, so its tokens stop working at a restart and on other replicas".into());
+            }
+            keys.first()
+                .map(|k| std::sync::Arc::new(crate::idp::dpop::Dpop::derived(k)))
+        }
+        (false, Some(_)) => {
+            problems.push(
+                "oauth.dpop_key_file: set, but oauth.dpop is false; set oauth.dpop = true or remove it"
+                    .into(),
+            );
+            None
+        }
+        (false, None) => None,
+    };
     let idle_timeout = positive(
         "session.idle_timeout_s",
         raw.session.idle_timeout_s,
@@ -1318,6 +1374,34 @@ fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
                 "routes[{i}].token: \"none\" sends no token, so routes[{i}].resource and routes[{i}].scopes have no effect; remove them"
             ));
         }
+        let exchange = r.exchange.as_ref().and_then(|x| {
+            let mut fine = true;
+            if x.audience.trim().is_empty() {
+                problems.push(format!("routes[{i}].exchange.audience: missing (the API's identifier the exchanged token is meant for)"));
+                fine = false;
+            }
+            let scope = x.scope.as_deref().map(str::trim).filter(|s| !s.is_empty());
+            for sc in scope.iter().flat_map(|s| s.split_whitespace()) {
+                if !is_scope_token(sc) {
+                    problems.push(format!(
+                        "routes[{i}].exchange.scope: `{sc}` is not a valid scope token"
+                    ));
+                    fine = false;
+                }
+            }
+            if !matches!(token, RouteToken::User | RouteToken::UserOrAnonymous) {
+                problems.push(format!("routes[{i}].exchange: exchanges the user's token, so routes[{i}].token must be \"user\" or \"user-or-anonymous\""));
+                fine = false;
+            }
+            if !resources.is_empty() || !scopes.is_empty() {
+                problems.push(format!("routes[{i}].exchange: use exchange.audience/exchange.scope or resource/scopes, not both (one way to get the route's token)"));
+                fine = false;
+            }
+            fine.then(|| Exchange {
+                audience: x.audience.trim().to_string(),
+                scope: scope.map(|s| s.split_whitespace().collect::<Vec<_>>().join(" ")),
+            })
+        });
         if let (true, Some(upstream)) = (ok, upstream) {
             routes.push(RouteConfig {
                 prefix,
@@ -1326,6 +1410,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
                 resources,
                 scopes,
                 token,
+                exchange,
                 timeout,
             });
         }
@@ -1392,6 +1477,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
             client_auth: client_auth?,
             client_key,
             par,
+            dpop,
             extra_authorize_params: raw.oauth.extra_authorize_params.clone(),
             post_logout_redirect_uri,
             endpoints,
@@ -1698,6 +1784,148 @@ resource = "not a uri"
         ] {
             assert!(msg.contains(needle), "missing {needle} in:\n{msg}");
         }
+    }
+
+    #[test]
+    fn exchange_routes_are_checked() {
+        let ok = Config::load(
+            &format!(
+                r#"{}
+[[routes]]
+prefix = "/x"
+upstream = "http://127.0.0.1:1"
+exchange = {{ audience = "https://x.example/", scope = "x:read  x:write" }}
+[[routes]]
+prefix = "/y"
+upstream = "http://127.0.0.1:1"
+exchange = {{ audience = "urn:y" }}
+"#,
+                minimal()
+            ),
+            vec![],
+        )
+        .expect("valid");
+        let r = |p: &str| ok.routes.iter().find(|r| r.prefix == p).expect("route");
+        assert_eq!(
+            r("/x").exchange,
+            Some(Exchange {
+                audience: "https://x.example/".into(),
+                scope: Some("x:read x:write".into()),
+            })
+        );
+        assert_eq!(
+            r("/y").exchange.as_ref().map(|e| e.scope.clone()),
+            Some(None)
+        );
+
+        let bad = format!(
+            r#"{}
+[[routes]]
+prefix = "/a"
+upstream = "http://127.0.0.1:1"
+exchange = {{ scope = "x" }}
+[[routes]]
+prefix = "/b"
+upstream = "http://127.0.0.1:1"
+token = "client"
+exchange = {{ audience = "urn:b" }}
+[[routes]]
+prefix = "/c"
+upstream = "http://127.0.0.1:1"
+resource = "https://c.example/"
+exchange = {{ audience = "urn:c" }}
+[[routes]]
+prefix = "/d"
+upstream = "http://127.0.0.1:1"
+exchange = {{ audience = "urn:d", scope = "bad\"scope" }}
+[[routes]]
+prefix = "/e"
+upstream = "http://127.0.0.1:1"
+exchange = {{ audience = "urn:e", resource = "typo" }}
+"#,
+            minimal()
+        );
+        let msg = Config::load(&bad, vec![]).expect_err("invalid").to_string();
+        for needle in [
+            "routes[0].exchange.audience: missing",
+            "routes[1].exchange: exchanges the user's token",
+            "routes[2].exchange: use exchange.audience/exchange.scope or resource/scopes",
+            "routes[3].exchange.scope: `bad\"scope`",
+            "routes.4.exchange.resource",
+        ] {
+            assert!(msg.contains(needle), "missing {needle} in:\n{msg}");
+        }
+    }
+
+    #[test]
+    fn dpop_key_from_file_or_derived_from_the_session_key() {
+        let derived = Config::load(
+            &minimal().replace("[session]", "dpop = true\n[session]"),
+            vec![],
+        )
+        .expect("valid");
+        let d = derived.oauth.dpop.as_ref().expect("a key");
+        let again = Config::load(
+            &minimal().replace("[session]", "dpop = true\n[session]"),
+            vec![],
+        )
+        .expect("valid");
+        assert_eq!(
+            d.thumbprint(),
+            again.oauth.dpop.as_ref().expect("key").thumbprint(),
+            "every replica with the session key derives the same DPoP key"
+        );
+        assert!(Config::load(&minimal(), vec![])
+            .expect("valid")
+            .oauth
+            .dpop
+            .is_none());
+
+        let dir = std::env::temp_dir().join(format!("tg-dpop-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let pem = dir.join("dpop.pem");
+        let key = p256::SecretKey::from_slice(&[9; 32]).expect("scalar");
+        use p256::pkcs8::EncodePrivateKey;
+        std::fs::write(
+            &pem,
+            key.to_pkcs8_pem(p256::pkcs8::LineEnding::LF)
+                .expect("pem")
+                .as_bytes(),
+        )
+        .expect("write");
+        let with_file = |path: &std::path::Path, on: bool| {
+            minimal().replace(
+                "[session]",
+                &format!(
+                    "dpop = {on}\ndpop_key_file = \"{}\"\n[session]",
+                    path.display()
+                ),
+            )
+        };
+        let from_file = Config::load(&with_file(&pem, true), vec![]).expect("valid");
+        assert_ne!(
+            from_file.oauth.dpop.as_ref().expect("key").thumbprint(),
+            d.thumbprint()
+        );
+        let junk = dir.join("junk.pem");
+        std::fs::write(
+            &junk,
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .expect("write");
+        let msg = Config::load(&with_file(&junk, true), vec![])
+            .expect_err("invalid")
+            .to_string();
+        assert!(
+            msg.contains("oauth.dpop_key_file") && msg.contains("not a PEM EC P-256 private key"),
+            "{msg}"
+        );
+        let msg = Config::load(&with_file(&pem, false), vec![])
+            .expect_err("invalid")
+            .to_string();
+        assert!(msg.contains("oauth.dpop is false"), "{msg}");
+        assert!(!format!("{:?}", from_file.oauth).contains("BEGIN"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod discovery;
+pub mod dpop;
 pub mod id_token;
 
 use std::sync::{Arc, RwLock};
@@ -99,6 +100,11 @@ impl Idp {
             Some(m) => m.jwks_uri.is_none() || !self.jwks.current().keys.is_empty(),
             None => false,
         }
+    }
+
+    /// The DPoP key when `oauth.dpop` is on.
+    pub fn dpop(&self) -> Option<&dpop::Dpop> {
+        self.config.dpop.as_deref()
     }
 
     pub fn http(&self) -> &reqwest::Client {

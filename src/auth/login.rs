@@ -105,6 +105,10 @@ pub async fn login(
     if let Some(n) = &nonce {
         params.push(("nonce".into(), n.clone()));
     }
+    // RFC 9449 §10: the code is bound to our DPoP key, so only we can redeem it.
+    if let Some(d) = state.idp.dpop() {
+        params.push(("dpop_jkt".into(), d.thumbprint().to_string()));
+    }
     for r in &cfg.authorize_resources {
         params.push(("resource".into(), r.clone()));
     }

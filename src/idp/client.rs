@@ -23,7 +23,13 @@ pub struct TokenResponse {
     pub id_token: Option<String>,
     #[serde(default)]
     pub scope: Option<String>,
+    /// Token exchange answers only (RFC 8693 §2.2.1).
+    #[serde(default)]
+    pub issued_token_type: Option<String>,
 }
+
+/// RFC 8693 §3: the token type identifier of an OAuth access token.
+pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 
 /// The audience and scopes one route's token is meant for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -90,6 +96,9 @@ struct OAuthErrorBody {
     error: String,
     error_description: Option<String>,
 }
+
+/// The key under which the authorization server's DPoP nonce is kept.
+const AS: &str = "as";
 
 /// Largest answer read from the IdP: a hostile or broken IdP cannot make us buffer more.
 pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
@@ -219,21 +228,47 @@ impl Idp {
         for r in resources {
             form.push(("resource", r.clone()));
         }
-        let resp = self
-            .authenticated_post(&md.token_endpoint, form)
-            .send()
-            .await
-            .map_err(IdpError::from_reqwest)?;
-        let status = resp.status();
-        let body = read_capped(resp).await?;
+        let dpop = self.dpop();
+        // RFC 9449 §8: an authorization server that wants a nonce answers `use_dpop_nonce` with
+        // one; the request is made again once with it.
+        let mut attempts = 0;
+        let (status, body) = loop {
+            attempts += 1;
+            let mut req = self.authenticated_post(&md.token_endpoint, form.clone());
+            if let Some(d) = dpop {
+                req = req.header("dpop", d.proof("POST", &md.token_endpoint, None, AS));
+            }
+            let resp = req.send().await.map_err(IdpError::from_reqwest)?;
+            let status = resp.status();
+            let fresh_nonce = dpop.is_some_and(|d| d.remember_nonce(AS, resp.headers()));
+            let body = read_capped(resp).await?;
+            let wants_nonce = status == http::StatusCode::BAD_REQUEST
+                && serde_json::from_slice::<OAuthErrorBody>(&body)
+                    .is_ok_and(|e| e.error == "use_dpop_nonce");
+            if wants_nonce && fresh_nonce && attempts == 1 {
+                continue;
+            }
+            break (status, body);
+        };
         if status.is_success() {
             let t: TokenResponse = serde_json::from_slice(&body).map_err(|_| {
                 IdpError::InvalidResponse("token response is not valid JSON".into())
             })?;
-            // RFC 6749 §7.1: we only know how to use bearer tokens.
-            if !t.token_type.eq_ignore_ascii_case("bearer") {
+            // RFC 6749 §7.1: bearer tokens, or with `oauth.dpop` DPoP-bound ones only: a bearer
+            // token in answer to a proof means the server ignored it, and would be replayable.
+            let expected = if dpop.is_some() { "dpop" } else { "bearer" };
+            if !t.token_type.eq_ignore_ascii_case(expected) {
                 return Err(IdpError::InvalidResponse(
-                    format!("unsupported token_type `{}`", t.token_type.escape_default()).into(),
+                    format!(
+                        "token_type `{}` where `{expected}` was expected{}",
+                        t.token_type.escape_default(),
+                        if dpop.is_some() {
+                            " (oauth.dpop is on: does the authorization server support DPoP?)"
+                        } else {
+                            ""
+                        }
+                    )
+                    .into(),
                 ));
             }
             if t.access_token.secret().is_empty() {
@@ -310,6 +345,43 @@ impl Idp {
             form.push(("scope", target.scopes.join(" ")));
         }
         self.token_request_for(form, &target.resources).await
+    }
+
+    /// Token exchange (RFC 8693 §2.1): the session's access token for one meant for `audience`
+    /// (and `scope`), as the API behind an `exchange` route expects.
+    pub async fn exchange_token(
+        &self,
+        subject: &AccessToken,
+        exchange: &crate::config::Exchange,
+    ) -> Result<TokenResponse, IdpError> {
+        let mut form = vec![
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange".into(),
+            ),
+            ("subject_token", subject.secret().clone()),
+            ("subject_token_type", ACCESS_TOKEN_TYPE.into()),
+            ("requested_token_type", ACCESS_TOKEN_TYPE.into()),
+            ("audience", exchange.audience.clone()),
+        ];
+        if let Some(scope) = &exchange.scope {
+            form.push(("scope", scope.clone()));
+        }
+        let t = self.token_request_for(form, &[]).await?;
+        match t.issued_token_type.as_deref() {
+            Some(ACCESS_TOKEN_TYPE) => Ok(t),
+            Some(other) => Err(IdpError::InvalidResponse(
+                format!(
+                    "the exchange issued a `{}`, not an access token",
+                    other.escape_default()
+                )
+                .into(),
+            )),
+            // §2.2.1 makes it REQUIRED; without it the answer is not a token exchange answer.
+            None => Err(IdpError::InvalidResponse(
+                "the exchange answer lacks issued_token_type".into(),
+            )),
+        }
     }
 
     /// Pushed Authorization Request (RFC 9126 §2): the authorization parameters go to the AS
@@ -416,14 +488,36 @@ impl Idp {
             .userinfo_endpoint
             .as_ref()
             .ok_or(IdpError::Unsupported("userinfo endpoint"))?;
-        let resp = self
-            .http()
-            .get(endpoint.clone())
-            .bearer_auth(access_token.secret())
-            .header(http::header::ACCEPT, "application/json")
-            .send()
-            .await
-            .map_err(IdpError::from_reqwest)?;
+        let mut attempts = 0;
+        let resp = loop {
+            attempts += 1;
+            let mut req = self
+                .http()
+                .get(endpoint.clone())
+                .header(http::header::ACCEPT, "application/json");
+            req = match self.dpop() {
+                Some(d) => req
+                    .header(
+                        http::header::AUTHORIZATION,
+                        format!("DPoP {}", access_token.secret()),
+                    )
+                    .header(
+                        "dpop",
+                        d.proof("GET", endpoint, Some(access_token.secret()), AS),
+                    ),
+                None => req.bearer_auth(access_token.secret()),
+            };
+            let resp = req.send().await.map_err(IdpError::from_reqwest)?;
+            let retry = self.dpop().is_some_and(|d| {
+                d.remember_nonce(AS, resp.headers())
+                    && resp.status() == http::StatusCode::UNAUTHORIZED
+                    && super::dpop::asks_for_nonce(resp.headers())
+            });
+            if retry && attempts == 1 {
+                continue;
+            }
+            break resp;
+        };
         if !resp.status().is_success() {
             return Err(IdpError::Status(resp.status().as_u16()));
         }

@@ -44,6 +44,7 @@ struct Document {
     #[serde(default)]
     require_pushed_authorization_requests: bool,
     code_challenge_methods_supported: Option<Vec<String>>,
+    dpop_signing_alg_values_supported: Option<Vec<String>>,
 }
 
 /// `{issuer}/.well-known/openid-configuration`, then the RFC 8414 §3.1 form
@@ -149,6 +150,22 @@ pub async fn discover(http: &reqwest::Client, cfg: &OAuthConfig) -> anyhow::Resu
             .as_ref()
             .is_some_and(|d| d.require_pushed_authorization_requests),
     };
+    if cfg.dpop.is_some() {
+        // RFC 9449 §5.1: the algorithms the AS takes proofs in; ours are ES256.
+        match doc
+            .as_ref()
+            .and_then(|d| d.dpop_signing_alg_values_supported.as_ref())
+        {
+            Some(algs) if !algs.iter().any(|a| a == "ES256") => bail!(
+                "oauth.dpop: the authorization server takes DPoP proofs signed with {} only, and tokengate signs with ES256",
+                algs.iter().map(|a| a.escape_default().to_string()).collect::<Vec<_>>().join(", ")
+            ),
+            Some(_) => {}
+            None => tracing::warn!(
+                "oauth.dpop is on, but the authorization server's metadata lists no dpop_signing_alg_values_supported: if it does not support DPoP, its bearer tokens are refused and logins fail"
+            ),
+        }
+    }
     if cfg.wants_openid() && md.jwks_uri.is_none() {
         bail!("scope `openid` needs a jwks_uri to validate ID tokens, and none was found");
     }

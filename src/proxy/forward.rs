@@ -93,6 +93,9 @@ async fn proxy(
 
     // upstream_request_filter
     let (mut parts, body) = req.into_parts();
+    let dpop = token.as_ref().and(state.idp.dpop());
+    // A request without a body can be sent again if the API asks for a DPoP nonce.
+    let replayable = dpop.is_some() && axum::body::HttpBody::is_end_stream(&body);
     // Without a declared length the limit is enforced while streaming.
     let body = if limit > 0 {
         Body::new(http_body_util::Limited::new(
@@ -110,7 +113,10 @@ async fn proxy(
     h.remove(header::HOST);
     headers::strip_our_cookies(h, state.store.rules());
     match &token {
-        Some(t) => headers::set_authorization(h, t.secret()),
+        Some(t) => {
+            let proof = dpop.and_then(|d| dpop_proof(d, &parts.method, &uri, t.secret()));
+            headers::set_authorization(h, t.secret(), proof.as_deref());
+        }
         None => headers::strip_credentials(h),
     }
     let cfg = &state.config.server;
@@ -124,33 +130,42 @@ async fn proxy(
     );
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
+    let again = replayable.then(|| {
+        (
+            parts.method.clone(),
+            parts.uri.clone(),
+            parts.headers.clone(),
+        )
+    });
     let upstream_req = http::Request::from_parts(parts, body);
 
     // send
-    let client = state
-        .upstreams
-        .client()
-        .map_err(|e| ApiError::internal(e.context("no upstream client")))?;
-    let sent = tokio::time::timeout(route.timeout, client.request(upstream_req)).await;
-    let resp = match sent {
-        Err(_) => {
-            state.metrics.upstream_error(&route.prefix, "timeout");
-            return Err(ApiError::gateway_timeout("the API did not answer in time"));
-        }
-        Ok(Err(e)) => {
-            // The browser's body outgrew server.max_body_bytes while streaming: its fault.
-            if caused_by::<http_body_util::LengthLimitError>(&e) {
-                return Err(ApiError::new(
-                    http::StatusCode::PAYLOAD_TOO_LARGE,
-                    "invalid_request",
-                    "the request body is too large",
-                ));
+    let mut resp = send(state, route, upstream_req).await?;
+    if let (Some(d), Some(t)) = (dpop, &token) {
+        // RFC 9449 §9: a nonce the API hands out is used from the next proof on; a 401 asking
+        // for one gets the (bodiless) request once more with it.
+        let origin = route.upstream.origin().ascii_serialization();
+        let fresh = d.remember_nonce(&origin, resp.headers());
+        if fresh
+            && resp.status() == http::StatusCode::UNAUTHORIZED
+            && crate::idp::dpop::asks_for_nonce(resp.headers())
+        {
+            if let Some((method, uri, mut h)) = again {
+                if let Some(p) = dpop_proof(d, &method, &uri, t.secret()) {
+                    if let Ok(mut v) = HeaderValue::from_str(&p) {
+                        v.set_sensitive(true);
+                        h.insert(headers::DPOP, v);
+                    }
+                }
+                let mut retry = http::Request::new(Body::empty());
+                *retry.method_mut() = method;
+                *retry.uri_mut() = uri;
+                *retry.headers_mut() = h;
+                resp = send(state, route, retry).await?;
+                d.remember_nonce(&origin, resp.headers());
             }
-            state.metrics.upstream_error(&route.prefix, "error");
-            return Err(ApiError::bad_gateway("the API could not be reached").with_cause(e));
         }
-        Ok(Ok(r)) => r,
-    };
+    }
 
     // response_filter
     let (mut parts, body) = resp.into_parts();
@@ -164,6 +179,50 @@ async fn proxy(
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
     Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// A DPoP proof for a request to `uri` carrying `token`, with the API's latest nonce.
+fn dpop_proof(
+    d: &crate::idp::dpop::Dpop,
+    method: &http::Method,
+    uri: &http::Uri,
+    token: &str,
+) -> Option<String> {
+    let url = url::Url::parse(&uri.to_string()).ok()?;
+    let origin = url.origin().ascii_serialization();
+    Some(d.proof(method.as_str(), &url, Some(token), &origin))
+}
+
+/// Sends one request upstream within the route's timeout.
+async fn send(
+    state: &AppState,
+    route: &RouteConfig,
+    upstream_req: http::Request<Body>,
+) -> Result<http::Response<hyper::body::Incoming>, ApiError> {
+    let client = state
+        .upstreams
+        .client()
+        .map_err(|e| ApiError::internal(e.context("no upstream client")))?;
+    let sent = tokio::time::timeout(route.timeout, client.request(upstream_req)).await;
+    match sent {
+        Err(_) => {
+            state.metrics.upstream_error(&route.prefix, "timeout");
+            Err(ApiError::gateway_timeout("the API did not answer in time"))
+        }
+        Ok(Err(e)) => {
+            // The browser's body outgrew server.max_body_bytes while streaming: its fault.
+            if caused_by::<http_body_util::LengthLimitError>(&e) {
+                return Err(ApiError::new(
+                    http::StatusCode::PAYLOAD_TOO_LARGE,
+                    "invalid_request",
+                    "the request body is too large",
+                ));
+            }
+            state.metrics.upstream_error(&route.prefix, "error");
+            Err(ApiError::bad_gateway("the API could not be reached").with_cause(e))
+        }
+        Ok(Ok(r)) => Ok(r),
+    }
 }
 
 /// Whether `T` is anywhere in `e`'s source chain.

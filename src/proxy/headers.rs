@@ -119,18 +119,34 @@ fn spoofable(name: &str) -> bool {
 /// Drops the browser's `Authorization`, spoofable identity headers and every header with an
 /// underscore in its name (nginx's default too: `X_User` could be read as `X-User` upstream);
 /// sets our bearer token.
-pub fn set_authorization(headers: &mut HeaderMap, access_token: &str) {
+/// With a DPoP proof (`oauth.dpop`), the token goes as `Authorization: DPoP` with the proof in
+/// the `DPoP` header (RFC 9449 §7.1).
+pub fn set_authorization(headers: &mut HeaderMap, access_token: &str, dpop_proof: Option<&str>) {
     strip_credentials(headers);
-    if let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {access_token}")) {
+    let scheme = if dpop_proof.is_some() {
+        "DPoP"
+    } else {
+        "Bearer"
+    };
+    if let Ok(mut v) = HeaderValue::from_str(&format!("{scheme} {access_token}")) {
         v.set_sensitive(true);
         headers.insert(header::AUTHORIZATION, v);
     }
+    if let Some(Ok(mut v)) = dpop_proof.map(HeaderValue::from_str) {
+        v.set_sensitive(true);
+        headers.insert(DPOP, v);
+    }
 }
+
+/// The DPoP proof header (RFC 9449 §4.1).
+pub const DPOP: HeaderName = HeaderName::from_static("dpop");
 
 /// What [`set_authorization`] drops, for requests that carry no token of ours (`token = "none"`,
 /// or `"user-or-anonymous"` without a session).
 pub fn strip_credentials(headers: &mut HeaderMap) {
     headers.remove(header::AUTHORIZATION);
+    // A browser-made proof would be for the browser's key, never for our token.
+    headers.remove(DPOP);
     let drop: Vec<HeaderName> = headers
         .keys()
         .filter(|k| k.as_str().contains('_') || spoofable(k.as_str()))
@@ -312,7 +328,7 @@ mod tests {
             ("x-amzn-oidc-identity", "admin"),
             ("accept", "application/json"),
         ]);
-        set_authorization(&mut h, "real");
+        set_authorization(&mut h, "real", None);
         assert_eq!(h["authorization"], "Bearer real");
         assert!(h["authorization"].is_sensitive());
         assert_eq!(h.len(), 2, "{h:?}");

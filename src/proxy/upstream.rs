@@ -124,6 +124,7 @@ mod tests {
             resources: vec![],
             scopes: vec![],
             token: crate::config::RouteToken::User,
+            exchange: None,
             timeout: Duration::from_secs(1),
         }
     }

@@ -171,6 +171,9 @@ pub async fn user_token(
     session: &mut Session,
     route: &RouteConfig,
 ) -> Result<AccessToken, ApiError> {
+    if let Some(exchange) = &route.exchange {
+        return exchanged_token(state, cookies, session, route, exchange).await;
+    }
     if !route.wants_own_token() {
         super::extract::ensure_fresh(state, cookies, session).await?;
         return Ok(session.access_token.clone());
@@ -217,6 +220,43 @@ pub async fn user_token(
             Ok(Cached {
                 token: out.token.access_token,
                 fresh_until: fresh_until(obtained, out.token.expires_in, skew),
+            })
+        })
+        .await
+}
+
+/// The session's (fresh) access token exchanged for one meant for the route's audience and
+/// scope (RFC 8693), cached per (session, audience, scope).
+async fn exchanged_token(
+    state: &AppState,
+    cookies: &Cookies,
+    session: &mut Session,
+    route: &RouteConfig,
+    exchange: &crate::config::Exchange,
+) -> Result<AccessToken, ApiError> {
+    let target = TokenTarget {
+        resources: vec![exchange.audience.clone()],
+        scopes: exchange.scope.iter().cloned().collect(),
+    };
+    let k = key(&format!("exchange\0{}", session.id), &target);
+    let skew = state.config.oauth.refresh_skew;
+    state
+        .route_tokens
+        .get_or_fetch(k, || async move {
+            super::extract::ensure_fresh(state, cookies, session).await?;
+            let obtained = Instant::now();
+            let t = state
+                .idp
+                .exchange_token(&session.access_token, exchange)
+                .await
+                .map_err(|e| match &e {
+                    IdpError::OAuth { .. } => grant_error(RefreshError::Refused(e), &route.prefix),
+                    _ => grant_error(RefreshError::Transient(e), &route.prefix),
+                })?;
+            state.metrics.refresh("exchanged");
+            Ok(Cached {
+                token: t.access_token,
+                fresh_until: fresh_until(obtained, t.expires_in, skew),
             })
         })
         .await

@@ -160,6 +160,9 @@ pub struct Behaviour {
     /// Answer refresh and client-credentials grants that carry `resource` or `scope` with this
     /// OAuth error (e.g. `invalid_target`, `invalid_scope`), status 400.
     pub target_error: Option<String>,
+    /// DPoP (RFC 9449 §8): token requests whose proof lacks this nonce get `use_dpop_nonce` with
+    /// it in `DPoP-Nonce`; tokens are then issued as `token_type: DPoP`.
+    pub dpop_nonce: Option<String>,
 }
 
 impl Default for Behaviour {
@@ -184,6 +187,7 @@ impl Default for Behaviour {
             discovery: DiscoveryMode::Oidc,
             public_client: false,
             target_error: None,
+            dpop_nonce: None,
         }
     }
 }
@@ -211,6 +215,17 @@ pub struct CodeGrant {
 pub struct TokenRequest {
     pub params: Vec<(String, String)>,
     pub authorization: Option<String>,
+    /// The `DPoP` proof header, if any.
+    pub dpop: Option<String>,
+}
+
+/// The claims of a JWS (no signature check: for looking at what a proof carries).
+pub fn jws_claims(jws: &str) -> Value {
+    jws.split('.')
+        .nth(1)
+        .and_then(|c| URL_SAFE_NO_PAD.decode(c).ok())
+        .and_then(|c| serde_json::from_slice(&c).ok())
+        .unwrap_or(Value::Null)
 }
 
 impl TokenRequest {
@@ -691,9 +706,14 @@ async fn idp_token(State(idp): State<Arc<IdpInner>>, headers: HeaderMap, body: B
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let dpop = headers
+        .get("dpop")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     idp.token_requests.lock().expect("lock").push(TokenRequest {
         params: params.clone(),
         authorization,
+        dpop: dpop.clone(),
     });
     let b = idp.behaviour.lock().expect("lock").clone();
     if !b.token_delay.is_zero() {
@@ -701,6 +721,16 @@ async fn idp_token(State(idp): State<Arc<IdpInner>>, headers: HeaderMap, body: B
     }
     if !client_authenticated(&b, &headers, &params) {
         return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client");
+    }
+    if let Some(nonce) = &b.dpop_nonce {
+        let claims = dpop.as_deref().map(jws_claims).unwrap_or(Value::Null);
+        if claims["nonce"] != nonce.as_str() {
+            let mut r = oauth_error(StatusCode::BAD_REQUEST, "use_dpop_nonce");
+            if let Ok(v) = HeaderValue::from_str(nonce) {
+                r.headers_mut().insert("dpop-nonce", v);
+            }
+            return r;
+        }
     }
     let get = |n: &str| params.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
     let fake = FakeIdp(idp.clone());
@@ -820,7 +850,7 @@ fn issue_tokens(idp: &IdpInner, b: &Behaviour, sub: &str, id_token: Option<Strin
     }
     let mut answer = json!({
         "access_token": access_token,
-        "token_type": "Bearer",
+        "token_type": if b.dpop_nonce.is_some() { "DPoP" } else { "Bearer" },
         "expires_in": b.access_token_ttl,
         "refresh_token": refresh_token,
         "scope": "openid profile offline_access",
@@ -858,6 +888,9 @@ async fn idp_revoke(State(idp): State<Arc<IdpInner>>, body: Bytes) -> Response {
 // ---------------------------------------------------------------------------------------------
 // Echo API (the upstream behind the proxy)
 // ---------------------------------------------------------------------------------------------
+
+/// The nonce the echo API's `/dpop-nonce` paths require.
+pub const ECHO_DPOP_NONCE: &str = "echo-nonce-1";
 
 #[derive(Clone, Debug)]
 pub struct Recorded {
@@ -969,6 +1002,25 @@ async fn echo(
     if let Some(rest) = path.split("/status/").nth(1) {
         if let Ok(code) = rest.trim_end_matches('/').parse::<u16>() {
             status = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
+        }
+    }
+    // An API that hands out DPoP nonces (RFC 9449 §9): a proof without this one gets a 401
+    // challenge carrying it.
+    if path.contains("/dpop-nonce") {
+        let has_nonce = recorded
+            .header("dpop")
+            .is_some_and(|p| jws_claims(p)["nonce"] == ECHO_DPOP_NONCE);
+        if !has_nonce {
+            let mut resp = StatusCode::UNAUTHORIZED.into_response();
+            let h = resp.headers_mut();
+            h.insert(
+                "www-authenticate",
+                HeaderValue::from_static(
+                    "DPoP error=\"use_dpop_nonce\", error_description=\"a nonce is required\"",
+                ),
+            );
+            h.insert("dpop-nonce", HeaderValue::from_static(ECHO_DPOP_NONCE));
+            return resp;
         }
     }
     let body = json!({

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-const SECRET: &str = "real-idp-client-secret";
+pub const SECRET: &str = "real-idp-client-secret";
 const KEY: &str = "dGhpcyBpcyBhIDMyIGJ5dGUga2V5IGZvciB0ZXN0cyE=";
 
 /// A node process started for a test; killed when dropped.

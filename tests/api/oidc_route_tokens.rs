@@ -16,14 +16,14 @@ const A: &str = "http://api-a.test/";
 const B: &str = "http://api-b.test/";
 const C: &str = "http://api-c.test/";
 
-fn bearer(rec: &Recorded) -> Option<String> {
+pub fn bearer(rec: &Recorded) -> Option<String> {
     rec.header("authorization")
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_owned)
 }
 
 /// The IdP's signing keys.
-async fn jwks(issuer: &str) -> Vec<Value> {
+pub async fn jwks(issuer: &str) -> Vec<Value> {
     let doc: Value = reqwest::get(format!("{issuer}/.well-known/openid-configuration"))
         .await
         .expect("discovery")
@@ -41,7 +41,7 @@ async fn jwks(issuer: &str) -> Vec<Value> {
 }
 
 /// What an API for `audience` would do: verify the JWT (signature, issuer, audience, expiry).
-fn verify(token: &str, keys: &[Value], issuer: &str, audience: &str) -> Result<Value, String> {
+pub fn verify(token: &str, keys: &[Value], issuer: &str, audience: &str) -> Result<Value, String> {
     let header = jsonwebtoken::decode_header(token).map_err(|e| e.to_string())?;
     let jwk = keys
         .iter()
@@ -60,7 +60,7 @@ fn verify(token: &str, keys: &[Value], issuer: &str, audience: &str) -> Result<V
         .map_err(|e| e.to_string())
 }
 
-fn scopes(claims: &Value) -> BTreeSet<String> {
+pub fn scopes(claims: &Value) -> BTreeSet<String> {
     claims["scope"]
         .as_str()
         .unwrap_or("")
@@ -70,7 +70,7 @@ fn scopes(claims: &Value) -> BTreeSet<String> {
         .collect()
 }
 
-fn set(items: &[&str]) -> BTreeSet<String> {
+pub fn set(items: &[&str]) -> BTreeSet<String> {
     items.iter().map(|s| s.to_string()).collect()
 }
 

@@ -10,12 +10,18 @@
 //   IDP_RESOURCES         JSON object {"<resource indicator>": "<space-separated scopes>"}: enables
 //                         RFC 8707 resource indicators; each resource gets JWT access tokens with
 //                         aud = the resource and only its own scopes (default: none, feature off)
+//   IDP_EXCHANGE          JSON object {"<audience>": "<space-separated scopes>"}: registers an RFC 8693
+//                         token-exchange grant (the provider's registerGrantType API) that trades
+//                         a user's opaque access token for a JWT access token with aud = the
+//                         audience and scopes among its own (default: none, grant not offered)
+//   IDP_DPOP              "1": DPoP (RFC 9449) on: proofs are checked and tokens bound (cnf.jkt)
+//   IDP_DPOP_NONCE        "1" (with IDP_DPOP): every proof must carry a server nonce (use_dpop_nonce)
 //
 // On listening, prints exactly one JSON line to stdout:
 //   {"issuer":"http://127.0.0.1:PORT","port":PORT}
 // Everything else (logs) goes to stderr. See README.md for the login recipe.
 
-import { generateKeyPairSync, randomUUID } from 'node:crypto';
+import { generateKeyPairSync, randomBytes, randomUUID } from 'node:crypto';
 import http from 'node:http';
 
 import Provider, { errors } from 'oidc-provider';
@@ -59,19 +65,28 @@ if (process.env.IDP_CLIENTS) {
   }
 }
 
-// Resource servers (APIs) for RFC 8707: indicator -> the scopes it knows.
-let resources = {};
-if (process.env.IDP_RESOURCES) {
+function jsonObjectEnv(name) {
+  if (!process.env[name]) return {};
   try {
-    resources = JSON.parse(process.env.IDP_RESOURCES);
-    if (typeof resources !== 'object' || resources === null || Array.isArray(resources)) {
-      throw new Error('not a JSON object');
-    }
+    const v = JSON.parse(process.env[name]);
+    if (typeof v !== 'object' || v === null || Array.isArray(v)) throw new Error('not a JSON object');
+    return v;
   } catch (err) {
-    log(`invalid IDP_RESOURCES: ${err.message}`);
+    log(`invalid ${name}: ${err.message}`);
     process.exit(2);
   }
+  return {};
 }
+
+// Resource servers (APIs) for RFC 8707: indicator -> the scopes it knows.
+const resources = jsonObjectEnv('IDP_RESOURCES');
+
+// Token exchange (RFC 8693): audience -> the scopes it knows.
+const exchangeAudiences = jsonObjectEnv('IDP_EXCHANGE');
+const DPOP = process.env.IDP_DPOP === '1';
+const DPOP_NONCE = process.env.IDP_DPOP_NONCE === '1';
+const TOKEN_EXCHANGE = 'urn:ietf:params:oauth:grant-type:token-exchange';
+const ACCESS_TOKEN_TYPE = 'urn:ietf:params:oauth:token-type:access_token';
 
 // A fresh RSA signing key per process (ID tokens are RS256 by default).
 const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
@@ -164,6 +179,11 @@ async function start() {
           };
         },
       },
+      dPoP: {
+        enabled: DPOP,
+        nonceSecret: DPOP_NONCE ? randomBytes(32) : undefined,
+        requireNonce: () => DPOP_NONCE,
+      },
       backchannelLogout: { enabled: true },
       rpInitiatedLogout: {
         enabled: true,
@@ -201,6 +221,53 @@ async function start() {
       ctx.body = page('oops! something went wrong', `<pre id="error">${escapeHtml(JSON.stringify(out, null, 2))}</pre>`);
     },
   });
+
+  if (Object.keys(exchangeAudiences).length > 0) {
+    // RFC 8693 §2: a user's access token (issued by us, to this client) for a JWT meant for one
+    // known audience, with scopes among that audience's own.
+    provider.registerGrantType(TOKEN_EXCHANGE, async (ctx, next) => {
+      const { params, client } = ctx.oidc;
+      if (params.subject_token_type !== ACCESS_TOKEN_TYPE) {
+        throw new errors.InvalidRequest('subject_token_type must be an access token');
+      }
+      if (params.requested_token_type && params.requested_token_type !== ACCESS_TOKEN_TYPE) {
+        throw new errors.InvalidRequest('only access tokens are issued');
+      }
+      const subject = await provider.AccessToken.find(params.subject_token);
+      if (!subject || subject.clientId !== client.clientId) {
+        throw new errors.InvalidGrant('subject_token is invalid, expired or not this client\'s');
+      }
+      const known = exchangeAudiences[params.audience];
+      if (!params.audience || known === undefined) throw new errors.InvalidTarget('unknown audience');
+      const allowed = new Set(known.split(' '));
+      const asked = params.scope ? params.scope.split(' ') : [...allowed];
+      const refused = asked.find((x) => !allowed.has(x));
+      if (refused) throw new errors.InvalidScope('requested scope is not allowed', refused);
+      const at = new provider.AccessToken({
+        accountId: subject.accountId,
+        client,
+        grantId: subject.grantId,
+        gty: 'token_exchange',
+        scope: asked.join(' '),
+      });
+      at.resourceServer = new provider.ResourceServer(params.audience, {
+        scope: known,
+        audience: params.audience,
+        accessTokenTTL: ACCESS_TOKEN_TTL,
+        accessTokenFormat: 'jwt',
+      });
+      ctx.oidc.entity('AccessToken', at);
+      const value = await at.save();
+      ctx.body = {
+        access_token: value,
+        issued_token_type: ACCESS_TOKEN_TYPE,
+        token_type: 'Bearer',
+        expires_in: at.expiration,
+        scope: at.scope,
+      };
+      await next();
+    }, ['subject_token', 'subject_token_type', 'requested_token_type', 'audience', 'scope']);
+  }
 
   provider.on('grant.success', (ctx) => {
     const type = ctx.oidc.params.grant_type;
