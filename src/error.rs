@@ -91,6 +91,11 @@ pub fn json_error(status: StatusCode, code: &str, description: &str) -> Response
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = json_error(self.status, self.code, &self.description);
+        // RFC 9110 §10.2.3: when to try again (our back-offs are a few seconds).
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+        }
         if let Some(cause) = &self.cause {
             resp.extensions_mut()
                 .insert(LoggedCause(Arc::new(format!("{cause:#}"))));

@@ -44,6 +44,13 @@ pub async fn logout(
                     .await,
                 "access_token",
             );
+            // The per-API tokens this instance obtained for the session (downscoped, exchanged).
+            for t in state.route_tokens.take_session(&s.id) {
+                log_revoke(
+                    state.idp.revoke(t.secret(), "access_token").await,
+                    "route access_token",
+                );
+            }
         };
         if tokio::time::timeout(REVOKE_BUDGET, revoke).await.is_err() {
             tracing::warn!("token revocation timed out");

@@ -39,20 +39,36 @@ struct Failure {
     status: http::StatusCode,
     code: &'static str,
     description: String,
+    /// Until when the same answer is given without asking the IdP again (back-off): a refusal
+    /// will not change soon, and an IdP that is down should not get a grant per API call.
+    until: Option<Instant>,
 }
+
+/// How long an IdP failure (503) is answered from the cache.
+const TRANSIENT_BACKOFF: Duration = Duration::from_secs(2);
+/// How long a refusal (403 `invalid_target` / `invalid_scope`) is.
+const REFUSAL_BACKOFF: Duration = Duration::from_secs(10);
 
 impl From<&ApiError> for Failure {
     fn from(e: &ApiError) -> Self {
+        let backoff = match e.status {
+            http::StatusCode::SERVICE_UNAVAILABLE => Some(TRANSIENT_BACKOFF),
+            http::StatusCode::FORBIDDEN => Some(REFUSAL_BACKOFF),
+            _ => None,
+        };
         Failure {
             status: e.status,
             code: e.code,
             description: e.description.to_string(),
+            until: backoff.map(|b| Instant::now() + b),
         }
     }
 }
 
 #[derive(Default)]
 struct Flight {
+    /// The session whose token this is (`None`: the client's own), so that logout finds it.
+    session: Option<String>,
     /// Grants attempted under this key: a waiter that sees it move took no part in the attempt's
     /// start, and takes its outcome instead of starting another.
     attempts: AtomicU64,
@@ -99,9 +115,15 @@ fn fresh_until(obtained: Instant, expires_in: Option<u64>, skew: Duration) -> In
 }
 
 impl RouteTokens {
-    fn flight(&self, k: [u8; 32]) -> Arc<Flight> {
+    fn flight(&self, k: [u8; 32], session: Option<&str>) -> Arc<Flight> {
+        let new = || {
+            Arc::new(Flight {
+                session: session.map(str::to_owned),
+                ..Flight::default()
+            })
+        };
         let Ok(mut map) = self.flights.lock() else {
-            return Arc::default();
+            return new();
         };
         if let Some(f) = map.get(&k) {
             return Arc::clone(f);
@@ -123,23 +145,55 @@ impl RouteTokens {
                 map.retain(|_, f| keep(f, false));
             }
         }
-        let f: Arc<Flight> = Arc::default();
+        let f = new();
         map.insert(k, Arc::clone(&f));
         f
     }
 
+    /// Forgets every token held for `session` (logout) and returns those still usable, for
+    /// revocation. A grant under way is left to finish; its token then expires unused.
+    pub fn take_session(&self, session: &str) -> Vec<AccessToken> {
+        let Ok(mut map) = self.flights.lock() else {
+            return Vec::new();
+        };
+        let now = Instant::now();
+        let mut tokens = Vec::new();
+        map.retain(|_, f| {
+            if f.session.as_deref() != Some(session) {
+                return true;
+            }
+            if let Ok(slot) = f.slot.try_lock() {
+                if let Some(Ok(c)) = &*slot {
+                    if c.fresh_until > now {
+                        tokens.push(c.token.clone());
+                    }
+                }
+            }
+            false
+        });
+        tokens
+    }
+
     /// The cached token for `k`, or the one `fetch` obtains (once for all concurrent callers).
-    async fn get_or_fetch<F, Fut>(&self, k: [u8; 32], fetch: F) -> Result<AccessToken, ApiError>
+    async fn get_or_fetch<F, Fut>(
+        &self,
+        k: [u8; 32],
+        session: Option<&str>,
+        fetch: F,
+    ) -> Result<AccessToken, ApiError>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<Cached, ApiError>>,
     {
-        let flight = self.flight(k);
+        let flight = self.flight(k, session);
         let seen = flight.attempts.load(Ordering::SeqCst);
         let mut slot = flight.slot.lock().await;
         match &*slot {
             Some(Ok(c)) if c.fresh_until > Instant::now() => return Ok(c.token.clone()),
-            Some(Err(f)) if flight.attempts.load(Ordering::SeqCst) != seen => {
+            Some(Err(f))
+                if flight.attempts.load(Ordering::SeqCst) != seen
+                    || f.until.is_some_and(|u| u > Instant::now()) =>
+            {
                 return Err(ApiError::new(f.status, f.code, f.description.clone()));
             }
             _ => {}
@@ -182,9 +236,10 @@ pub async fn user_token(
     let k = key(&format!("user\0{}", session.id), &target);
     let skew = state.config.oauth.refresh_skew;
     let target = &target;
+    let sid = session.id.clone();
     state
         .route_tokens
-        .get_or_fetch(k, || async move {
+        .get_or_fetch(k, Some(&sid), || async move {
             let obtained = Instant::now();
             // In a task of its own: once the IdP may have rotated the refresh token, the new
             // one must be recorded even if this request goes away meanwhile.
@@ -240,9 +295,10 @@ async fn exchanged_token(
     };
     let k = key(&format!("exchange\0{}", session.id), &target);
     let skew = state.config.oauth.refresh_skew;
+    let sid = session.id.clone();
     state
         .route_tokens
-        .get_or_fetch(k, || async move {
+        .get_or_fetch(k, Some(&sid), || async move {
             super::extract::ensure_fresh(state, cookies, session).await?;
             let obtained = Instant::now();
             let t = state
@@ -271,7 +327,7 @@ pub async fn client_token(state: &AppState, route: &RouteConfig) -> Result<Acces
     let target = &target;
     state
         .route_tokens
-        .get_or_fetch(k, || async move {
+        .get_or_fetch(k, None, || async move {
             let obtained = Instant::now();
             let t = state
                 .idp
@@ -375,7 +431,7 @@ mod tests {
             let calls = Arc::clone(&calls);
             tasks.push(tokio::spawn(async move {
                 cache
-                    .get_or_fetch(k, || async {
+                    .get_or_fetch(k, Some("s"), || async {
                         calls.fetch_add(1, Ordering::SeqCst);
                         tokio::time::sleep(Duration::from_millis(20)).await;
                         Ok(Cached {
@@ -392,5 +448,58 @@ mod tests {
             assert_eq!(t.await.ok().flatten().as_deref(), Some("t"));
         }
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(cache.take_session("other").len(), 0);
+        assert_eq!(cache.len(), 1);
+        let taken = cache.take_session("s");
+        assert_eq!(
+            taken
+                .iter()
+                .map(|t| t.secret().as_str())
+                .collect::<Vec<_>>(),
+            ["t"]
+        );
+        assert!(cache.is_empty(), "logout forgets the session's tokens");
+    }
+
+    #[tokio::test]
+    async fn failures_are_answered_from_the_cache_for_a_while() {
+        let cache = RouteTokens::default();
+        let calls = AtomicU64::new(0);
+        for (status, k) in [
+            (
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                key("s", &target(&["http://a/"], &[])),
+            ),
+            (
+                http::StatusCode::FORBIDDEN,
+                key("s", &target(&["http://b/"], &[])),
+            ),
+        ] {
+            for _ in 0..3 {
+                let r = cache
+                    .get_or_fetch(k, Some("s"), || async {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        Err(ApiError::new(status, "x", "failed"))
+                    })
+                    .await;
+                assert_eq!(r.err().map(|e| e.status), Some(status));
+            }
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "one attempt per key, then back-off"
+        );
+        // A 401 (the session ended) is not cached: the next call tries again.
+        let k = key("s", &target(&["http://c/"], &[]));
+        for _ in 0..2 {
+            let _ = cache
+                .get_or_fetch(k, Some("s"), || async {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    Err(ApiError::new(http::StatusCode::UNAUTHORIZED, "x", "ended"))
+                })
+                .await;
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
     }
 }

@@ -402,6 +402,11 @@ async fn idp_down_at_start_login_is_503_json_then_service_resumes_when_it_comes_
         .send()
         .await
         .expect("GET");
+    assert_eq!(
+        resp.headers().get("retry-after").and_then(|v| v.to_str().ok()),
+        Some("2"),
+        "a 503 says when to try again"
+    );
     let v = assert_json_error(resp, 503).await;
     assert_eq!(v["error"], "temporarily_unavailable");
 

@@ -379,3 +379,28 @@ async fn a_refresh_token_rotated_by_a_downscoped_grant_is_kept_in_the_session() 
     let last = app.idp.token_requests().pop().expect("request");
     assert_eq!(last.get("refresh_token"), Some(rotated.as_str()));
 }
+
+#[tokio::test]
+async fn logout_revokes_the_sessions_route_tokens_and_forgets_them() {
+    let app = spawn_with_routes(TWO_APIS).await;
+    app.login().await;
+    assert_eq!(app.get_api("/a/items").await.status(), 200);
+    assert_eq!(app.get_api("/b/items").await.status(), 200);
+    let (token_a, token_b) = (last_bearer_for(&app, "/a/"), last_bearer_for(&app, "/b/"));
+
+    assert_eq!(app.post_logout().await.status(), 200);
+    let revoked = app.idp.revoked_tokens();
+    for (name, t) in [("/a", &token_a), ("/b", &token_b)] {
+        assert!(
+            revoked.contains(t),
+            "{name}'s token is revoked at logout: {} revocations",
+            revoked.len()
+        );
+    }
+
+    // A new session never gets the old session's cached tokens.
+    app.login().await;
+    assert_eq!(app.get_api("/a/again").await.status(), 200);
+    assert_ne!(last_bearer_for(&app, "/a/"), token_a);
+    assert_eq!(downscoped_grants(&app).len(), 3);
+}
