@@ -80,6 +80,20 @@ fn verify_proof(proof: &str, htm: &str, htu: &str, token: &str) -> Result<(Value
     Ok((claims, thumbprint(jwk)))
 }
 
+const RES: &str = "http://api-r.test/";
+
+/// An API's whole check of a call: the token is bound (`cnf.jkt`, from introspection) to the key
+/// that signed a valid proof for exactly this call.
+fn api_accepts(authorization: &str, proof: Option<&str>, htm: &str, htu: &str, jkt: &str) -> bool {
+    let Some(token) = authorization.strip_prefix("DPoP ") else {
+        return false; // a bound token never passes as a bearer token
+    };
+    match proof.map(|p| verify_proof(p, htm, htu, token)) {
+        Some(Ok((_, key))) => key == jkt,
+        _ => false,
+    }
+}
+
 fn dpop_token(rec: &Recorded) -> String {
     let auth = rec
         .header("authorization")
@@ -123,10 +137,17 @@ async fn every_token_is_bound_to_tokengates_key_and_every_api_call_carries_a_pro
     let up = echo.url().to_string();
     let stack = Stack::start_with(StackOptions {
         extra_oauth: "dpop = true".into(),
-        idp_env: vec![("IDP_DPOP", "1".into()), ("IDP_DPOP_NONCE", "1".into())],
+        idp_env: vec![
+            ("IDP_DPOP", "1".into()),
+            ("IDP_DPOP_NONCE", "1".into()),
+            ("IDP_RESOURCES", json!({ RES: "r:read" }).to_string()),
+        ],
+        extra_scopes: vec!["r:read".into()],
         // The IdP refuses any token request of this client without a proof.
         client_extra: json!({ "dpop_bound_access_tokens": true }),
-        extra_routes: format!("[[routes]]\nprefix = \"/d\"\nupstream = \"{up}\"\n"),
+        extra_routes: format!(
+            "[[routes]]\nprefix = \"/d\"\nupstream = \"{up}\"\n\n[[routes]]\nprefix = \"/r\"\nupstream = \"{up}\"\nresource = \"{RES}\"\n"
+        ),
         ..StackOptions::default()
     })
     .await;
@@ -156,7 +177,26 @@ async fn every_token_is_bound_to_tokengates_key_and_every_api_call_carries_a_pro
     assert_eq!(info["cnf"]["jkt"], jkt.as_str(), "{info}");
     assert_eq!(info["sub"], "alice");
 
-    // The bare token is useless: as a bearer token, or with a proof made for another request.
+    let htu = format!("{up}/d/items");
+    let bound = info["cnf"]["jkt"].as_str().expect("jkt");
+    let auth = rec.header("authorization").expect("authorization");
+    assert!(api_accepts(auth, Some(proof), "GET", &htu, bound));
+    assert!(
+        !api_accepts(&format!("Bearer {token}"), None, "GET", &htu, bound),
+        "bare token"
+    );
+    assert!(!api_accepts(auth, None, "GET", &htu, bound), "no proof");
+    assert!(
+        !api_accepts(auth, Some(proof), "POST", &htu, bound),
+        "proof for another method"
+    );
+    assert!(
+        !api_accepts(auth, Some(proof), "GET", &format!("{up}/d/other"), bound),
+        "proof for another URI"
+    );
+
+    // The IdP's own resource (userinfo) rejects the bare token too, and a proof made for another
+    // request.
     let userinfo = discovery(&stack.issuer).await["userinfo_endpoint"]
         .as_str()
         .expect("userinfo")
@@ -257,6 +297,27 @@ async fn every_token_is_bound_to_tokengates_key_and_every_api_call_carries_a_pro
         introspect(&stack.issuer, &fresh).await["cnf"]["jkt"],
         jkt.as_str()
     );
+
+    // A downscoped token (RFC 8707, a JWT for RES) is bound to the same key.
+    let r = stack
+        .api(reqwest::Method::GET, "/r/x")
+        .send()
+        .await
+        .expect("api");
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    let rec = echo.last();
+    let narrow = dpop_token(&rec);
+    assert_ne!(narrow, fresh);
+    let claims = b64json(narrow.split('.').nth(1).expect("a JWT")).expect("claims");
+    assert_eq!(claims["aud"], RES);
+    assert_eq!(claims["cnf"]["jkt"], jkt.as_str());
+    verify_proof(
+        rec.header("dpop").expect("proof"),
+        "GET",
+        &format!("{up}/r/x"),
+        &narrow,
+    )
+    .expect("valid proof");
 }
 
 #[tokio::test]

@@ -403,7 +403,9 @@ async fn idp_down_at_start_login_is_503_json_then_service_resumes_when_it_comes_
         .await
         .expect("GET");
     assert_eq!(
-        resp.headers().get("retry-after").and_then(|v| v.to_str().ok()),
+        resp.headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
         Some("2"),
         "a 503 says when to try again"
     );
