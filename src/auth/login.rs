@@ -79,20 +79,6 @@ pub async fn login(
         started_ns: now_ns(),
     };
 
-    let rules = state.store.rules();
-    drop_excess_transactions(&state, &cookies);
-    let name = rules.tx_name(&tx_state);
-    let plain = serde_json::to_vec(&tx).map_err(ApiError::internal)?;
-    let sealed = state.sealer.seal(name.as_bytes(), &plain);
-    rules.set_tx(&cookies, &tx_state, sealed, cfg.login_transaction_ttl);
-    let now = now_s();
-    state.logins.started(
-        &tx_state,
-        now.saturating_add(cfg.login_transaction_ttl.as_secs()),
-        now,
-    );
-    state.metrics.login("started", "");
-
     let mut params: Vec<(String, String)> = vec![
         ("response_type".into(), "code".into()),
         ("client_id".into(), cfg.client_id.clone()),
@@ -143,6 +129,21 @@ pub async fn login(
             ("request_uri".into(), request_uri),
         ];
     }
+    // Recorded only once the request could be made: a failed push leaves no pending login.
+    let rules = state.store.rules();
+    drop_excess_transactions(&state, &cookies);
+    let name = rules.tx_name(&tx_state);
+    let plain = serde_json::to_vec(&tx).map_err(ApiError::internal)?;
+    let sealed = state.sealer.seal(name.as_bytes(), &plain);
+    rules.set_tx(&cookies, &tx_state, sealed, cfg.login_transaction_ttl);
+    let now = now_s();
+    state.logins.started(
+        &tx_state,
+        now.saturating_add(cfg.login_transaction_ttl.as_secs()),
+        now,
+    );
+    state.metrics.login("started", "");
+
     let mut url = md.authorization_endpoint.clone();
     url.query_pairs_mut().extend_pairs(params.iter());
     let location = HeaderValue::from_str(url.as_str()).map_err(ApiError::internal)?;

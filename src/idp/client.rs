@@ -418,6 +418,11 @@ impl Idp {
         if status.is_success() {
             let p: Pushed = serde_json::from_slice(&body)
                 .map_err(|_| IdpError::InvalidResponse("PAR response is not valid JSON".into()))?;
+            if p.request_uri.is_empty() || p.request_uri.len() > 2048 {
+                return Err(IdpError::InvalidResponse(
+                    "PAR response has an empty or oversized request_uri".into(),
+                ));
+            }
             return Ok(p.request_uri);
         }
         if status.is_client_error() {

@@ -163,6 +163,8 @@ pub struct Behaviour {
     /// DPoP (RFC 9449 §8): token requests whose proof lacks this nonce get `use_dpop_nonce` with
     /// it in `DPoP-Nonce`; tokens are then issued as `token_type: DPoP`.
     pub dpop_nonce: Option<String>,
+    /// Advertise a PAR endpoint (RFC 9126) at `/par` that answers with this status and body.
+    pub par_answer: Option<(u16, Value)>,
 }
 
 impl Default for Behaviour {
@@ -188,6 +190,7 @@ impl Default for Behaviour {
             public_client: false,
             target_error: None,
             dpop_nonce: None,
+            par_answer: None,
         }
     }
 }
@@ -259,6 +262,8 @@ pub struct IdpInner {
     behaviour: Mutex<Behaviour>,
     codes: Mutex<HashMap<String, CodeGrant>>,
     token_requests: Mutex<Vec<TokenRequest>>,
+    /// Requests to `/par`, as received.
+    pushed: Mutex<Vec<TokenRequest>>,
     issued: Mutex<Issued>,
     /// refresh token → sub, for the tokens still valid.
     active_refresh: Mutex<HashMap<String, String>>,
@@ -290,6 +295,7 @@ impl FakeIdp {
             behaviour: Mutex::new(Behaviour::default()),
             codes: Mutex::new(HashMap::new()),
             token_requests: Mutex::new(Vec::new()),
+            pushed: Mutex::new(Vec::new()),
             issued: Mutex::new(Issued::default()),
             active_refresh: Mutex::new(HashMap::new()),
             active_access: Mutex::new(HashMap::new()),
@@ -310,6 +316,7 @@ impl FakeIdp {
             .route("/attacker-jwks", get(idp_attacker_jwks))
             .route("/authorize", get(|| async { "fake authorize page" }))
             .route("/token", post(idp_token))
+            .route("/par", post(idp_par))
             .route("/userinfo", get(idp_userinfo).post(idp_userinfo))
             .route("/revoke", post(idp_revoke))
             .route("/end-session", get(|| async { "signed out" }))
@@ -353,6 +360,10 @@ impl FakeIdp {
             .expect("codes lock")
             .insert(code.clone(), grant);
         code
+    }
+
+    pub fn pushed_requests(&self) -> Vec<TokenRequest> {
+        self.0.pushed.lock().expect("lock").clone()
     }
 
     pub fn token_requests(&self) -> Vec<TokenRequest> {
@@ -628,6 +639,9 @@ fn metadata_document(idp: &IdpInner, b: &Behaviour) -> Value {
     if b.revocation_supported {
         doc["revocation_endpoint"] = json!(format!("{base}/revoke"));
     }
+    if b.par_answer.is_some() {
+        doc["pushed_authorization_request_endpoint"] = json!(format!("{base}/par"));
+    }
     if b.end_session_supported {
         doc["end_session_endpoint"] = json!(format!("{base}/end-session"));
     }
@@ -698,6 +712,27 @@ fn client_authenticated(b: &Behaviour, headers: &HeaderMap, params: &[(String, S
     }
     let get = |n: &str| params.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
     get("client_id") == Some(CLIENT_ID) && get("client_secret") == Some(CLIENT_SECRET)
+}
+
+/// RFC 9126 §2: records the pushed request and answers as the behaviour says.
+async fn idp_par(State(idp): State<Arc<IdpInner>>, headers: HeaderMap, body: Bytes) -> Response {
+    idp.pushed.lock().expect("lock").push(TokenRequest {
+        params: form_params(&body),
+        authorization: headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        dpop: None,
+    });
+    let b = idp.behaviour.lock().expect("lock").clone();
+    match b.par_answer {
+        Some((status, body)) => (
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            Json(body),
+        )
+            .into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
 }
 
 async fn idp_token(State(idp): State<Arc<IdpInner>>, headers: HeaderMap, body: Bytes) -> Response {

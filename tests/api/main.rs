@@ -18,6 +18,7 @@ mod oidc_provider;
 mod oidc_route_tokens;
 mod oidc_token_exchange;
 mod operations;
+mod par;
 mod proxy;
 mod redis_gaps;
 mod redis_server;
