@@ -6,7 +6,6 @@
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use crate::helpers::*;
 
@@ -18,15 +17,7 @@ fn proof_jkt(proof: &str) -> String {
         .and_then(|h| URL_SAFE_NO_PAD.decode(h).ok())
         .and_then(|h| serde_json::from_slice(&h).ok())
         .expect("a JWS header");
-    let jwk = &header["jwk"];
-    let canonical = format!(
-        r#"{{"crv":"{}","kty":"{}","x":"{}","y":"{}"}}"#,
-        jwk["crv"].as_str().unwrap_or(""),
-        jwk["kty"].as_str().unwrap_or(""),
-        jwk["x"].as_str().unwrap_or(""),
-        jwk["y"].as_str().unwrap_or("")
-    );
-    URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()))
+    jwk_thumbprint(&header["jwk"])
 }
 
 #[tokio::test]

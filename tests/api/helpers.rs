@@ -222,6 +222,18 @@ pub struct TokenRequest {
     pub dpop: Option<String>,
 }
 
+/// RFC 7638 thumbprint of an EC public JWK (base64url SHA-256 of its canonical members).
+pub fn jwk_thumbprint(jwk: &Value) -> String {
+    let canonical = format!(
+        r#"{{"crv":"{}","kty":"{}","x":"{}","y":"{}"}}"#,
+        jwk["crv"].as_str().unwrap_or(""),
+        jwk["kty"].as_str().unwrap_or(""),
+        jwk["x"].as_str().unwrap_or(""),
+        jwk["y"].as_str().unwrap_or("")
+    );
+    URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()))
+}
+
 /// The claims of a JWS (no signature check: for looking at what a proof carries).
 pub fn jws_claims(jws: &str) -> Value {
     jws.split('.')

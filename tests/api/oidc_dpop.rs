@@ -11,24 +11,12 @@ use p256::ecdsa::{Signature, VerifyingKey};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::helpers::{unix_now, EchoApi, Recorded, ECHO_DPOP_NONCE};
+use crate::helpers::{jwk_thumbprint, unix_now, EchoApi, Recorded, ECHO_DPOP_NONCE};
 use crate::oidc_provider::{Stack, StackOptions, SECRET};
 
 fn b64json(part: &str) -> Result<Value, String> {
     let bytes = URL_SAFE_NO_PAD.decode(part).map_err(|e| e.to_string())?;
     serde_json::from_slice(&bytes).map_err(|e| e.to_string())
-}
-
-/// RFC 7638 thumbprint of an EC public JWK.
-fn thumbprint(jwk: &Value) -> String {
-    let canonical = format!(
-        r#"{{"crv":"{}","kty":"{}","x":"{}","y":"{}"}}"#,
-        jwk["crv"].as_str().unwrap_or(""),
-        jwk["kty"].as_str().unwrap_or(""),
-        jwk["x"].as_str().unwrap_or(""),
-        jwk["y"].as_str().unwrap_or("")
-    );
-    URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()))
 }
 
 /// What an API does with a DPoP request (RFC 9449 §4.3, §7.1): the proof is a JWT signed by the
@@ -77,7 +65,7 @@ fn verify_proof(proof: &str, htm: &str, htu: &str, token: &str) -> Result<(Value
     if (unix_now() - iat).abs() > 60 || !claims["jti"].is_string() {
         return Err(format!("claims {claims}"));
     }
-    Ok((claims, thumbprint(jwk)))
+    Ok((claims, jwk_thumbprint(jwk)))
 }
 
 const RES: &str = "http://api-r.test/";
