@@ -1958,3 +1958,19 @@ pub async fn raw_http(addr: SocketAddr, request: &str) -> (u16, String) {
         .unwrap_or_else(|| panic!("no status line in raw answer: {text:?}"));
     (status, text)
 }
+
+/// Reads a raw socket until the peer closes it or `within` passes: what arrived, and whether the
+/// peer closed (a read error counts as closed).
+pub async fn read_until_close(s: &mut tokio::net::TcpStream, within: Duration) -> (String, bool) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&buf).into_owned(), true),
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => return (String::from_utf8_lossy(&buf).into_owned(), false),
+        }
+    }
+}

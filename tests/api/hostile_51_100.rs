@@ -16,7 +16,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use reqwest::cookie::Jar;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use url::Url;
 
@@ -145,20 +145,6 @@ async fn raw_exchange(addr: SocketAddr, bytes: &[u8], within: Duration) -> (Stri
     let mut s = TcpStream::connect(addr).await.expect("connect");
     s.write_all(bytes).await.expect("write");
     read_until_close(&mut s, within).await
-}
-
-async fn read_until_close(s: &mut TcpStream, within: Duration) -> (String, bool) {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match tokio::time::timeout(left, s.read(&mut chunk)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&buf).into_owned(), true),
-            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
-            Err(_) => return (String::from_utf8_lossy(&buf).into_owned(), false),
-        }
-    }
 }
 
 fn status_of(raw: &str) -> Option<u16> {

@@ -5,26 +5,10 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::helpers::*;
-
-/// Reads until EOF or `within`; returns what arrived and whether the peer closed.
-async fn read_until_close(s: &mut TcpStream, within: Duration) -> (String, bool) {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match tokio::time::timeout(left, s.read(&mut chunk)).await {
-            Ok(Ok(0)) => return (String::from_utf8_lossy(&buf).into_owned(), true),
-            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
-            Ok(Err(_)) => return (String::from_utf8_lossy(&buf).into_owned(), true),
-            Err(_) => return (String::from_utf8_lossy(&buf).into_owned(), false),
-        }
-    }
-}
 
 #[tokio::test]
 async fn logs_of_a_full_login_refresh_logout_never_contain_a_secret() {
