@@ -329,3 +329,63 @@ async fn an_idp_with_dpop_off_redeems_no_dpop_bound_code() {
         .expect("userinfo");
     assert_eq!(me.status(), 401, "no session");
 }
+
+#[tokio::test]
+async fn replicas_sharing_the_session_keys_share_the_dpop_key() {
+    // Two replicas with the same session keys and the Redis store: the code is redeemed by one,
+    // the API is called and the token refreshed through the other, and every proof is made with
+    // the one key the tokens are bound to.
+    let redis = crate::redis_server::RedisServer::start().await;
+    let echo = EchoApi::start().await;
+    let up = echo.url().to_string();
+    let stack = Stack::start_with(StackOptions {
+        extra_oauth: "dpop = true".into(),
+        extra_session: format!("store = \"redis\"\nredis_url = \"{}\"", redis.url()),
+        replicas: 2,
+        idp_env: vec![("IDP_DPOP", "1".into())],
+        client_extra: json!({ "dpop_bound_access_tokens": true }),
+        extra_routes: format!("[[routes]]\nprefix = \"/d\"\nupstream = \"{up}\"\n"),
+        ..StackOptions::default()
+    })
+    .await;
+    assert_eq!(stack.login("rita", "/").await.status(), 302);
+    let mut keys = Vec::new();
+    for (i, path) in ["/d/one", "/refreshtoken", "/d/two"].iter().enumerate() {
+        let method = if *path == "/refreshtoken" {
+            reqwest::Method::POST
+        } else {
+            reqwest::Method::GET
+        };
+        let r = stack
+            .browser
+            .request(method, format!("{}{path}", stack.bases[1 - i % 2]))
+            .header("X-CSRF", "1")
+            .send()
+            .await
+            .expect("call");
+        assert_eq!(
+            r.status(),
+            200,
+            "{path}: {}",
+            r.text().await.unwrap_or_default()
+        );
+        if path.starts_with("/d/") {
+            let rec = echo.last();
+            let token = dpop_token(&rec);
+            let (_, jkt) = verify_proof(
+                rec.header("dpop").expect("proof"),
+                "GET",
+                &format!("{up}{path}"),
+                &token,
+            )
+            .expect("valid proof");
+            assert_eq!(
+                introspect(&stack.issuer, &token).await["cnf"]["jkt"],
+                jkt.as_str()
+            );
+            keys.push(jkt);
+        }
+    }
+    assert_eq!(keys.len(), 2);
+    assert_eq!(keys[0], keys[1], "one key across the replicas");
+}
