@@ -160,6 +160,8 @@ struct RawSession {
     store: String,
     redis_url: Option<String>,
     redis_ca_file: Option<String>,
+    redis_client_cert_file: Option<String>,
+    redis_client_key_file: Option<String>,
     keys: Vec<String>,
     idle_timeout_s: u64,
     absolute_timeout_s: u64,
@@ -171,6 +173,8 @@ impl Default for RawSession {
             store: "cookie".into(),
             redis_url: None,
             redis_ca_file: None,
+            redis_client_cert_file: None,
+            redis_client_key_file: None,
             keys: vec![],
             idle_timeout_s: 3600,
             absolute_timeout_s: 86400,
@@ -366,6 +370,38 @@ fn load_ca_roots(path: &str) -> Result<Vec<u8>, String> {
     Ok(pem)
 }
 
+/// A client certificate for mutual TLS to Redis; `Debug` never prints the key.
+#[derive(Clone)]
+pub struct RedisClientTls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl fmt::Debug for RedisClientTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RedisClientTls([certificate], [key redacted])")
+    }
+}
+
+/// Reads and checks a client certificate chain and its private key (PEM), as rustls will.
+fn load_client_tls(cert_path: &str, key_path: &str) -> Result<RedisClientTls, String> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    let cert_pem =
+        std::fs::read(cert_path).map_err(|e| format!("cannot read `{cert_path}`: {e}"))?;
+    let certs = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("`{cert_path}` is not valid PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "`{cert_path}` holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+        ));
+    }
+    let key_pem = std::fs::read(key_path).map_err(|e| format!("cannot read `{key_path}`: {e}"))?;
+    PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|_| format!("`{key_path}` holds no PEM private key"))?;
+    Ok(RedisClientTls { cert_pem, key_pem })
+}
+
 #[derive(Clone, PartialEq, Eq)]
 pub enum StoreKind {
     Cookie,
@@ -490,6 +526,9 @@ pub struct SessionConfig {
     /// `session.redis_ca_file`, read and checked at load: PEM CA certificates that are then the
     /// only roots trusted for `rediss://` (instead of the webpki roots).
     pub redis_ca_pem: Option<Vec<u8>>,
+    /// `session.redis_client_cert_file` + `redis_client_key_file`: the PEM certificate chain and
+    /// private key tokengate presents to a `rediss://` server that requires client certificates.
+    pub redis_client_tls: Option<RedisClientTls>,
     /// 32-byte keys: the first seals, all open (rotation).
     pub keys: Vec<[u8; 32]>,
     pub idle_timeout: Duration,
@@ -511,6 +550,7 @@ impl fmt::Debug for SessionConfig {
                     }
                 ),
             )
+            .field("redis_client_tls", &self.redis_client_tls)
             .field("keys", &format_args!("[{} redacted]", self.keys.len()))
             .field("idle_timeout", &self.idle_timeout)
             .field("absolute_timeout", &self.absolute_timeout)
@@ -1170,13 +1210,13 @@ fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
             }
         }
     }
+    let redis_tls_only = raw.session.redis_url.as_deref().is_some_and(|u| {
+        u.split(',')
+            .map(str::trim)
+            .all(|node| node.starts_with("rediss://"))
+    });
     let redis_ca_pem = raw.session.redis_ca_file.as_deref().and_then(|path| {
-        let tls_only = raw.session.redis_url.as_deref().is_some_and(|u| {
-            u.split(',')
-                .map(str::trim)
-                .all(|node| node.starts_with("rediss://"))
-        });
-        if !tls_only {
+        if !redis_tls_only {
             problems.push("session.redis_ca_file: only for TLS, but session.redis_url is not (every node) a rediss:// URL".into());
         }
         match load_ca_roots(path) {
@@ -1187,6 +1227,32 @@ fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
             }
         }
     });
+    let redis_client_tls = match (
+        &raw.session.redis_client_cert_file,
+        &raw.session.redis_client_key_file,
+    ) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => {
+            if !redis_tls_only {
+                problems.push("session.redis_client_cert_file: only for TLS, but session.redis_url is not (every node) a rediss:// URL".into());
+            }
+            match load_client_tls(cert, key) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    problems.push(format!("session.redis_client_cert_file/key_file: {e}"));
+                    None
+                }
+            }
+        }
+        (Some(_), None) => {
+            problems.push("session.redis_client_key_file: missing; redis_client_cert_file needs its private key".into());
+            None
+        }
+        (None, Some(_)) => {
+            problems.push("session.redis_client_cert_file: missing; redis_client_key_file needs its certificate".into());
+            None
+        }
+    };
     let mut keys = Vec::new();
     for (i, k) in raw.session.keys.iter().enumerate() {
         match decode_key(k) {
@@ -1490,6 +1556,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
         session: SessionConfig {
             store: store?,
             redis_ca_pem,
+            redis_client_tls,
             keys,
             idle_timeout,
             absolute_timeout,

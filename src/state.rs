@@ -57,9 +57,10 @@ impl Shared {
         let s = &config.session;
         let redis = match &s.store {
             StoreKind::Cookie => None,
-            StoreKind::Redis(url) => Some(RedisStore::with_tls_roots(
+            StoreKind::Redis(url) => Some(RedisStore::with_tls(
                 url,
                 s.redis_ca_pem.as_deref(),
+                s.redis_client_tls.as_ref(),
                 sealer.clone(),
             )?),
         };

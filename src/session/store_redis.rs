@@ -123,15 +123,18 @@ impl RedisStore {
     /// several comma-separated URLs: a Redis Cluster.
     /// Connecting happens in the background: tokengate starts while Redis is down.
     pub fn new(url: &str, sealer: Sealer) -> anyhow::Result<Arc<Self>> {
-        Self::with_tls_roots(url, None, sealer)
+        Self::with_tls(url, None, None, sealer)
     }
 
     /// As [`Self::new`]; with `ca_pem` (PEM CA certificates, `session.redis_ca_file`) a
     /// `rediss://` server must present a certificate chaining to one of those, and to nothing
-    /// else: the webpki roots are not trusted then (a private CA stays private).
-    pub fn with_tls_roots(
+    /// else: the webpki roots are not trusted then (a private CA stays private). With `client`
+    /// (`session.redis_client_cert_file` / `_key_file`) tokengate presents that certificate to
+    /// servers that require one (mutual TLS).
+    pub fn with_tls(
         url: &str,
         ca_pem: Option<&[u8]>,
+        client: Option<&crate::config::RedisClientTls>,
         sealer: Sealer,
     ) -> anyhow::Result<Arc<Self>> {
         let urls: Vec<&str> = url
@@ -139,9 +142,12 @@ impl RedisStore {
             .map(str::trim)
             .filter(|u| !u.is_empty())
             .collect();
-        let certs = ca_pem.map(|pem| redis::TlsCertificates {
-            client_tls: None,
-            root_cert: Some(pem.to_vec()),
+        let certs = (ca_pem.is_some() || client.is_some()).then(|| redis::TlsCertificates {
+            client_tls: client.map(|c| redis::ClientTlsConfig {
+                client_cert: c.cert_pem.clone(),
+                client_key: c.key_pem.clone(),
+            }),
+            root_cert: ca_pem.map(<[u8]>::to_vec),
         });
         let target = if urls.len() > 1 {
             let mut builder = redis::cluster::ClusterClientBuilder::new(urls)

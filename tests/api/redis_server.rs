@@ -22,6 +22,9 @@ pub struct TestCa {
     pub ca_file: PathBuf,
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+    /// The server requires a client certificate signed by the CA (mutual TLS); the server's own
+    /// certificate (EKU clientAuth too) serves as the client's.
+    pub mutual: bool,
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
@@ -44,6 +47,12 @@ fn cli_command(port: u16, tls: Option<&TestCa>) -> Command {
     cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()]);
     if let Some(ca) = tls {
         cmd.arg("--tls").arg("--cacert").arg(&ca.ca_file);
+        if ca.mutual {
+            cmd.arg("--cert")
+                .arg(&ca.cert_file)
+                .arg("--key")
+                .arg(&ca.key_file);
+        }
     }
     cmd.stdin(Stdio::null());
     cmd
@@ -74,7 +83,7 @@ impl TestCa {
             .arg(&self.key_file)
             .arg("--tls-ca-cert-file")
             .arg(&self.ca_file)
-            .args(["--tls-auth-clients", "no"]);
+            .args(["--tls-auth-clients", if self.mutual { "yes" } else { "no" }]);
     }
 
     /// Generates the CA and the server certificate (EC P-256, valid two days) into `dir`.
@@ -145,6 +154,7 @@ impl TestCa {
             ca_file: dir.join("ca.pem"),
             cert_file: dir.join("server.pem"),
             key_file: dir.join("server.key"),
+            mutual: false,
         }
     }
 }
@@ -188,19 +198,28 @@ impl RedisServer {
     /// TLS only (no plain port), with a private CA generated for it ([`RedisServer::ca`]);
     /// clients are not asked for certificates.
     pub async fn start_tls() -> RedisServer {
-        Self::start_inner(false, true).await
+        Self::start_inner(false, Some(false)).await
+    }
+
+    /// As [`RedisServer::start_tls`], and clients must present a certificate of the CA.
+    pub async fn start_mutual_tls() -> RedisServer {
+        Self::start_inner(false, Some(true)).await
     }
 
     async fn start_with(persistent: bool) -> RedisServer {
-        Self::start_inner(persistent, false).await
+        Self::start_inner(persistent, None).await
     }
 
-    async fn start_inner(persistent: bool, tls: bool) -> RedisServer {
+    /// `tls`: none, or TLS only with client certificates required (`Some(true)`) or not.
+    async fn start_inner(persistent: bool, tls: Option<bool>) -> RedisServer {
         let port = free_port();
         let dir =
             std::env::temp_dir().join(format!("tokengate-redis-{}-{port}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
-        let tls = tls.then(|| TestCa::generate(&dir));
+        let tls = tls.map(|mutual| TestCa {
+            mutual,
+            ..TestCa::generate(&dir)
+        });
         let mut s = RedisServer {
             port,
             child: None,

@@ -399,3 +399,110 @@ fn a_bad_redis_ca_file_is_an_error_naming_the_key() {
         "rediss://",
     );
 }
+
+/// A Redis that requires client certificates (`--tls-auth-clients yes`): with
+/// `session.redis_client_cert_file` / `_key_file` tokengate presents one and serves the session
+/// life; without them the server refuses the handshake and tokengate fails closed (503, never a
+/// session elsewhere). Half a pair, or a file that is not what it should be, stops the load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_requires_client_certificates_gets_ours() {
+    let redis = RedisServer::start_mutual_tls().await;
+    let ca = redis.ca();
+    let client_lines = format!(
+        "redis_client_cert_file = \"{}\"\nredis_client_key_file = \"{}\"",
+        ca.cert_file.display(),
+        ca.key_file.display()
+    );
+    let idp = FakeIdp::start().await;
+    let app = spawn_app_with(
+        AppOptions::default()
+            .idp(&idp)
+            .redis(&redis)
+            .session(&ca_line(&redis))
+            .session(&client_lines),
+    )
+    .await;
+    assert_eq!(get(&app, "/readyz").await.status(), 200);
+    app.login().await;
+    assert_eq!(
+        session_keys(&redis).len(),
+        1,
+        "the session is in the mTLS Redis"
+    );
+    assert_eq!(app.get_api("/api/over-mtls").await.status(), 200);
+    assert_eq!(app.post_refresh().await.status(), 200);
+    assert_eq!(app.post_logout().await.status(), 200);
+    assert!(session_keys(&redis).is_empty());
+
+    // The CA is trusted but no certificate is presented: refused by the server, fail closed.
+    let bare = spawn_app_with(
+        AppOptions::default()
+            .idp(&idp)
+            .redis(&redis)
+            .session(&ca_line(&redis))
+            .no_wait(),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = get(&bare, "/readyz").await;
+        let status = r.status();
+        let body: Value = r.json().await.expect("json");
+        if body["checks"]["idp_metadata"] == true {
+            assert_eq!(status, 503, "{body}");
+            assert_eq!(body["checks"]["session_store"], false, "{body}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "metadata never loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pending = bare.start_login(None).await;
+    let r = bare.finish_login(&pending).await;
+    let v = assert_json_error(r, 503).await;
+    assert_eq!(v["error"], "temporarily_unavailable");
+    assert!(session_keys(&redis).is_empty());
+
+    // Checks at load.
+    let base = format!(
+        "[oauth]\nissuer = \"http://127.0.0.1:9\"\nclient_id = \"c\"\nclient_secret = \"s\"\n[session]\nstore = \"redis\"\nredis_url = \"{}\"\nkeys = [\"{}\"]\n",
+        redis.url(),
+        session_key(1)
+    );
+    let half = format!(
+        "{base}redis_client_cert_file = \"{}\"\n",
+        ca.cert_file.display()
+    );
+    let msg = Config::load(&half, vec![])
+        .expect_err("half a pair")
+        .to_string();
+    assert!(
+        msg.contains("session.redis_client_key_file: missing"),
+        "{msg}"
+    );
+    let swapped = format!(
+        "{base}redis_client_cert_file = \"{}\"\nredis_client_key_file = \"{}\"\n",
+        ca.key_file.display(),
+        ca.cert_file.display()
+    );
+    let msg = Config::load(&swapped, vec![])
+        .expect_err("swapped")
+        .to_string();
+    assert!(msg.contains("holds no PEM certificate"), "{msg}");
+    assert!(
+        !msg.contains("BEGIN PRIVATE"),
+        "no key material in the message: {msg}"
+    );
+    let plain = format!(
+        "{}redis_client_cert_file = \"{}\"\nredis_client_key_file = \"{}\"\n",
+        base.replace("rediss://", "redis://"),
+        ca.cert_file.display(),
+        ca.key_file.display()
+    );
+    let msg = Config::load(&plain, vec![])
+        .expect_err("not TLS")
+        .to_string();
+    assert!(msg.contains("only for TLS"), "{msg}");
+}
