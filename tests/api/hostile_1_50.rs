@@ -234,6 +234,25 @@ fn callback_url(app: &TestApp, params: &[(&str, &str)]) -> String {
     url.into()
 }
 
+/// The callback for `code` and `state` (with the right `iss`), sent with exactly this `Cookie`
+/// header (no jar): for replaying, swapping or forging the transaction cookie.
+async fn callback_with_cookie(
+    app: &TestApp,
+    code: &str,
+    state: &str,
+    cookie: impl AsRef<str>,
+) -> reqwest::Response {
+    app.raw_client
+        .get(callback_url(
+            app,
+            &[("code", code), ("state", state), ("iss", app.idp.issuer())],
+        ))
+        .header("Cookie", cookie.as_ref())
+        .send()
+        .await
+        .expect("callback")
+}
+
 fn tx_cookie(p: &PendingLogin) -> SetCookie {
     p.set_cookies
         .iter()
@@ -483,20 +502,8 @@ async fn case_004_expired_login_transaction() {
     // Past the 1 s TTL with a margin; the cookie is replayed by hand so the server's own check counts.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let code = app.idp.mint_code(p.grant());
-    let resp = app
-        .raw_client
-        .get(callback_url(
-            &app,
-            &[
-                ("code", &code),
-                ("state", &p.state),
-                ("iss", app.idp.issuer()),
-            ],
-        ))
-        .header("Cookie", format!("{}={}", tx.name, tx.value))
-        .send()
-        .await
-        .expect("callback");
+    let resp =
+        callback_with_cookie(&app, &code, &p.state, format!("{}={}", tx.name, tx.value)).await;
     assert!(
         clears_tx(&resp, &p.state),
         "the expired transaction cookie is not cleared"
@@ -1901,20 +1908,7 @@ async fn case_038_session_cookie_attributes_on_every_set_cookie() {
     all.extend(p.set_cookies.iter().cloned());
     let tx = tx_cookie(&p);
     let code = app.idp.mint_code(p.grant());
-    let cb = app
-        .raw_client
-        .get(callback_url(
-            &app,
-            &[
-                ("code", &code),
-                ("state", &p.state),
-                ("iss", app.idp.issuer()),
-            ],
-        ))
-        .header("Cookie", format!("{}={}", tx.name, tx.value))
-        .send()
-        .await
-        .expect("callback");
+    let cb = callback_with_cookie(&app, &code, &p.state, format!("{}={}", tx.name, tx.value)).await;
     assert!(cb.status() == 302 || cb.status() == 303, "{}", cb.status());
     let session: Vec<SetCookie> = session_cookies_set(&cb);
     assert!(!session.is_empty());
@@ -2013,20 +2007,7 @@ async fn case_039_login_transaction_cookie() {
         ("one bit flipped", format!("{}={tampered}", ta.name)),
         ("moved to another name", format!("{}={}", ta.name, tb.value)),
     ] {
-        let resp = app
-            .raw_client
-            .get(callback_url(
-                &app,
-                &[
-                    ("code", &code),
-                    ("state", &a.state),
-                    ("iss", app.idp.issuer()),
-                ],
-            ))
-            .header("Cookie", cookie)
-            .send()
-            .await
-            .expect("callback");
+        let resp = callback_with_cookie(&app, &code, &a.state, cookie).await;
         assert_rejected(&app, resp, what, 400..=400).await;
     }
     assert_eq!(app.idp.code_grants(), 0);
@@ -2153,20 +2134,13 @@ async fn case_041_aead_nonce_uniqueness() {
         .find(|(n, _)| is_session_cookie_name(n))
         .map(|(_, v)| v)
         .expect("session");
-    let resp = app
-        .raw_client
-        .get(callback_url(
-            &app,
-            &[
-                ("code", &code),
-                ("state", &p.state),
-                ("iss", app.idp.issuer()),
-            ],
-        ))
-        .header("Cookie", format!("{}={session_value}", tx.name))
-        .send()
-        .await
-        .expect("callback");
+    let resp = callback_with_cookie(
+        &app,
+        &code,
+        &p.state,
+        format!("{}={session_value}", tx.name),
+    )
+    .await;
     assert_eq!(resp.status(), 400);
     assert_eq!(app.idp.code_grants(), 4);
 }
@@ -2428,26 +2402,16 @@ async fn case_045_duplicate_or_shadowed_cookie_names() {
     let tx = tx_cookie(&p);
     let code = app.idp.mint_code(p.grant());
     let grants = app.idp.code_grants();
-    let resp = app
-        .raw_client
-        .get(callback_url(
-            &app,
-            &[
-                ("code", &code),
-                ("state", &p.state),
-                ("iss", app.idp.issuer()),
-            ],
-        ))
-        .header(
-            "Cookie",
-            format!(
-                "{}=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA; {}={}",
-                tx.name, tx.name, tx.value
-            ),
-        )
-        .send()
-        .await
-        .expect("callback");
+    let resp = callback_with_cookie(
+        &app,
+        &code,
+        &p.state,
+        format!(
+            "{}=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA; {}={}",
+            tx.name, tx.name, tx.value
+        ),
+    )
+    .await;
     let s = resp.status().as_u16();
     assert!(s == 302 || s == 400, "status {s}");
     assert!(app.idp.code_grants() <= grants + 1);
