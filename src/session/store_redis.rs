@@ -77,8 +77,27 @@ impl std::fmt::Debug for RedisStore {
 
 #[derive(Clone)]
 enum Target {
-    Single(redis::Client),
+    /// One URL: a standalone server, or one node of a cluster (found out at connect time, and
+    /// then the rest of the cluster is discovered from it).
+    Single {
+        client: redis::Client,
+        url: String,
+        certs: Option<redis::TlsCertificates>,
+    },
     Cluster(redis::cluster::ClusterClient),
+}
+
+fn cluster_client(
+    urls: Vec<String>,
+    certs: Option<redis::TlsCertificates>,
+) -> redis::RedisResult<redis::cluster::ClusterClient> {
+    let mut builder = redis::cluster::ClusterClientBuilder::new(urls)
+        .connection_timeout(CALL_TIMEOUT)
+        .response_timeout(CALL_TIMEOUT);
+    if let Some(certs) = certs {
+        builder = builder.certs(certs);
+    }
+    builder.build()
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -120,7 +139,8 @@ fn index_keys(s: &Session) -> Vec<String> {
 
 impl RedisStore {
     /// `url`: `redis://` or `rediss://` (TLS, the server checked against the webpki roots);
-    /// several comma-separated URLs: a Redis Cluster.
+    /// several comma-separated URLs: a Redis Cluster; one URL of a cluster node (it answers
+    /// `cluster_enabled:1` to `INFO cluster` at connect time) is a cluster seed too.
     /// Connecting happens in the background: tokengate starts while Redis is down.
     pub fn new(url: &str, sealer: Sealer) -> anyhow::Result<Arc<Self>> {
         Self::with_tls(url, None, None, sealer)
@@ -150,18 +170,17 @@ impl RedisStore {
             root_cert: ca_pem.map(<[u8]>::to_vec),
         });
         let target = if urls.len() > 1 {
-            let mut builder = redis::cluster::ClusterClientBuilder::new(urls)
-                .connection_timeout(CALL_TIMEOUT)
-                .response_timeout(CALL_TIMEOUT);
-            if let Some(certs) = certs {
-                builder = builder.certs(certs);
-            }
-            Target::Cluster(builder.build()?)
+            Target::Cluster(cluster_client(
+                urls.iter().map(|u| u.to_string()).collect(),
+                certs,
+            )?)
         } else {
-            match certs {
-                Some(certs) => Target::Single(redis::Client::build_with_tls(url.trim(), certs)?),
-                None => Target::Single(redis::Client::open(url)?),
-            }
+            let url = url.trim().to_string();
+            let client = match &certs {
+                Some(c) => redis::Client::build_with_tls(url.as_str(), c.clone())?,
+                None => redis::Client::open(url.as_str())?,
+            };
+            Target::Single { client, url, certs }
         };
         Ok(Arc::new(Self {
             target,
@@ -183,7 +202,28 @@ impl RedisStore {
         }
         let connect = async {
             match &self.target {
-                Target::Single(client) => {
+                Target::Single { client, url, certs } => {
+                    // A cluster node answers `cluster_enabled:1`: the one URL is then a seed.
+                    // A server that refuses INFO (an ACL, a proxy) is taken as standalone.
+                    let mut probe = client.get_multiplexed_async_connection().await?;
+                    let info: String = match redis::cmd("INFO")
+                        .arg("cluster")
+                        .query_async(&mut probe)
+                        .await
+                    {
+                        Ok(info) => info,
+                        Err(e)
+                            if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() =>
+                        {
+                            return Err(e)
+                        }
+                        Err(_) => String::new(),
+                    };
+                    drop(probe);
+                    if info.contains("cluster_enabled:1") {
+                        let cluster = cluster_client(vec![url.clone()], certs.clone())?;
+                        return cluster.get_async_connection().await.map(Conn::Cluster);
+                    }
                     let cfg = redis::aio::ConnectionManagerConfig::new()
                         .set_connection_timeout(CALL_TIMEOUT)
                         .set_response_timeout(CALL_TIMEOUT)

@@ -487,3 +487,79 @@ async fn a_redis_cluster_given_as_a_list_of_nodes_serves_the_whole_session_life(
     assert_eq!(a.get_userinfo().await.status(), 401);
     assert_eq!(b.get_userinfo().await.status(), 401);
 }
+
+/// `session.redis_url` with ONE node of a three-node cluster (as a managed Redis hands out one
+/// configuration endpoint): tokengate finds out it is a cluster node and discovers the rest, so
+/// sessions whose keys hash to the other nodes' slots work too (a plain connection to the seed
+/// would get MOVED for two thirds of them). Six browsers log in, refresh, call the API and log
+/// out; their sessions are seen spread over more than one node, and all gone at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_seed_node_of_a_redis_cluster_is_enough() {
+    let cluster = RedisCluster::start().await;
+    let seed = format!("redis://127.0.0.1:{}", cluster.ports[0]);
+    let idp = FakeIdp::start().await;
+    // Six browsers (one app each, all on the seed URL): six live sessions.
+    let mut apps = Vec::new();
+    for _ in 0..6 {
+        let app = spawn_app_with(AppOptions {
+            redis_url: Some(seed.clone()),
+            ..AppOptions::default().idp(&idp)
+        })
+        .await;
+        assert_eq!(get(&app, "/readyz").await.status(), 200);
+        app.login().await;
+        assert_eq!(app.get_userinfo().await.status(), 200);
+        assert_eq!(app.post_refresh().await.status(), 200);
+        apps.push(app);
+    }
+    let holding: Vec<u16> = cluster
+        .ports
+        .iter()
+        .copied()
+        .filter(|p| !cluster.cli_on(*p, &["KEYS", "tg:{*}:s"]).trim().is_empty())
+        .collect();
+    assert!(
+        holding.len() > 1,
+        "six sessions all on one node: {holding:?} (the cluster's slots were not used)"
+    );
+    for app in &apps {
+        assert_eq!(app.get_api("/api/again").await.status(), 200);
+        assert_eq!(app.post_logout().await.status(), 200);
+        assert_eq!(app.get_userinfo().await.status(), 401);
+    }
+    for p in &cluster.ports {
+        assert_eq!(
+            cluster.cli_on(*p, &["KEYS", "tg:{*}:s"]).trim(),
+            "",
+            "every session deleted at logout (node {p})"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_standalone_redis_whose_acl_refuses_info_is_still_used() {
+    let redis = RedisServer::start().await;
+    assert_eq!(
+        redis.cli(&["ACL", "SETUSER", "default", "-info"]).trim(),
+        "OK"
+    );
+    assert!(
+        redis.cli(&["INFO", "cluster"]).contains("NOPERM"),
+        "the ACL refuses INFO"
+    );
+    let idp = FakeIdp::start().await;
+    let app = spawn_app_with(AppOptions {
+        redis_url: Some(redis.url()),
+        ..AppOptions::default().idp(&idp)
+    })
+    .await;
+    assert_eq!(get(&app, "/readyz").await.status(), 200);
+    app.login().await;
+    assert_eq!(app.get_userinfo().await.status(), 200);
+    assert!(
+        !redis.cli(&["KEYS", "tg:{*}:s"]).trim().is_empty(),
+        "the session lives in this Redis"
+    );
+    assert_eq!(app.post_logout().await.status(), 200);
+    assert_eq!(redis.cli(&["KEYS", "tg:{*}:s"]).trim(), "");
+}
