@@ -28,6 +28,7 @@ pub mod proxy;
 pub mod server;
 pub mod session;
 pub mod state;
+pub mod sweep;
 pub mod telemetry;
 
 use std::future::Future;

@@ -14,6 +14,7 @@ use tokio::sync::OnceCell;
 use super::store::SessionStore;
 use super::tokens::{now_s, Session};
 use crate::idp::{Idp, IdpError, TokenResponse, TokenTarget};
+use crate::sweep::Swept;
 
 /// How long the result of a refresh is reused for requests carrying the old refresh token.
 pub const REUSE_WINDOW: Duration = Duration::from_secs(30);
@@ -58,7 +59,7 @@ struct Backoff {
 /// Coordinates refreshes within this process.
 #[derive(Default)]
 pub struct Refresher {
-    entries: Mutex<HashMap<[u8; 32], Entry>>,
+    entries: Mutex<Swept<HashMap<[u8; 32], Entry>>>,
     backoff: Mutex<HashMap<String, Backoff>>,
     metrics: Arc<crate::metrics::Metrics>,
 }
@@ -188,10 +189,15 @@ impl Refresher {
         }
     }
 
+    /// Settled refreshes are kept for [`REUSE_WINDOW`] only: each holds a whole session.
     fn sweep(&self) {
+        self.sweep_at(Instant::now());
+    }
+
+    fn sweep_at(&self, now: Instant) {
         if let Ok(mut map) = self.entries.lock() {
-            if map.len() > 1024 {
-                map.retain(|_, e| e.started.elapsed() < REUSE_WINDOW);
+            if map.due(now, REUSE_WINDOW) || map.len() > 1024 {
+                map.retain(|_, e| now.saturating_duration_since(e.started) < REUSE_WINDOW);
             }
         }
     }
@@ -223,6 +229,9 @@ pub async fn grant_for(
     })
 }
 
+/// sha256(sid, old refresh token) → (its successor, when the rotation was seen).
+type Successors = HashMap<[u8; 32], (RefreshToken, Instant)>;
+
 /// Refresh-token rotations this process has seen, for the cookie store: concurrent requests still
 /// carrying the pre-rotation cookie must use the successor instead of replaying a dead refresh
 /// token (which a rotating IdP may treat as theft). One lock per session serialises every grant
@@ -230,7 +239,7 @@ pub async fn grant_for(
 #[derive(Default)]
 pub struct Rotations {
     /// sha256(sid, old refresh token) → the successor, and when it was recorded.
-    successors: Mutex<HashMap<[u8; 32], (RefreshToken, Instant)>>,
+    successors: Mutex<Swept<Successors>>,
     locks: Mutex<HashMap<String, std::sync::Weak<tokio::sync::Mutex<()>>>>,
 }
 
@@ -281,12 +290,16 @@ impl Rotations {
         if old.secret() == new.secret() {
             return;
         }
+        self.record_at(sid, old, new, Instant::now());
+    }
+
+    fn record_at(&self, sid: &str, old: &RefreshToken, new: &RefreshToken, now: Instant) {
         if let Ok(mut map) = self.successors.lock() {
-            if map.len() >= MAX_ENTRIES / 10 {
-                map.retain(|_, (_, at)| at.elapsed() < REUSE_WINDOW);
+            if map.due(now, REUSE_WINDOW) || map.len() >= MAX_ENTRIES / 10 {
+                map.retain(|_, (_, at)| now.saturating_duration_since(*at) < REUSE_WINDOW);
             }
             if map.len() < MAX_ENTRIES / 10 {
-                map.insert(key(sid, old), (new.clone(), Instant::now()));
+                map.insert(key(sid, old), (new.clone(), now));
             }
         }
     }
@@ -347,5 +360,61 @@ impl Session {
         if t.scope.is_some() {
             self.scope = t.scope.clone();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(started: Instant) -> Entry {
+        Entry {
+            started,
+            cell: Arc::new(OnceCell::new()),
+        }
+    }
+
+    #[test]
+    fn settled_refreshes_are_forgotten_after_the_reuse_window() {
+        let r = Refresher::default();
+        let t0 = Instant::now();
+        r.sweep_at(t0);
+        if let Ok(mut m) = r.entries.lock() {
+            m.insert([1; 32], entry(t0));
+            m.insert([2; 32], entry(t0 + Duration::from_secs(20)));
+        }
+        // Within the period no sweep runs, however few entries there are.
+        r.sweep_at(t0 + Duration::from_secs(10));
+        assert_eq!(r.entries.lock().map(|m| m.len()).ok(), Some(2));
+        // One period later the entry older than the window is gone, the recent one kept.
+        r.sweep_at(t0 + REUSE_WINDOW + Duration::from_secs(1));
+        let left: Vec<[u8; 32]> = r
+            .entries
+            .lock()
+            .map(|m| m.keys().copied().collect())
+            .unwrap_or_default();
+        assert_eq!(left, vec![[2; 32]]);
+    }
+
+    #[test]
+    fn rotations_are_forgotten_after_the_reuse_window() {
+        let rot = Rotations::default();
+        let t0 = Instant::now();
+        let (a, b, c) = (
+            RefreshToken::new("rt-a".into()),
+            RefreshToken::new("rt-b".into()),
+            RefreshToken::new("rt-c".into()),
+        );
+        rot.record_at("s1", &a, &b, t0);
+        rot.record_at("s2", &b, &c, t0 + Duration::from_secs(5));
+        assert_eq!(rot.successors.lock().map(|m| m.len()).ok(), Some(2));
+        rot.record_at("s3", &a, &c, t0 + REUSE_WINDOW + Duration::from_secs(1));
+        assert_eq!(
+            rot.successors.lock().map(|m| m.len()).ok(),
+            Some(2),
+            "the entry of s1 (older than the window) was swept"
+        );
+        rot.record_at("s4", &a, &c, t0 + 3 * REUSE_WINDOW);
+        assert_eq!(rot.successors.lock().map(|m| m.len()).ok(), Some(1));
     }
 }

@@ -77,22 +77,80 @@ pub struct Downscoped {
 /// cookie with every API call, and opening it (base64, XChaCha20-Poly1305, JSON) is the cookie
 /// store's main cost per request. A sealed value always opens to the same session, so an entry
 /// never goes stale: idle and absolute timeouts are still checked on every load, and a value
-/// that was never opened here is opened (and authenticated) as before. Bounded; emptied when full.
+/// that was never opened here is opened (and authenticated) as before.
+///
+/// Two generations: lookups and inserts go to the current one, a hit in the previous one moves
+/// the entry over, and every [`OPENED_PERIOD`] (or when the current one reaches its share of the
+/// bounds) the previous generation is dropped and the current one becomes it. So an entry lives
+/// while its session is in use and at most two periods after, and the memory held follows the
+/// sessions active in the last few minutes, never more than [`OPENED_MAX`] entries and
+/// [`OPENED_MAX_BYTES`].
 #[derive(Default)]
 struct OpenedCache {
-    map: Mutex<HashMap<u64, (Box<str>, Session)>>,
+    gens: Mutex<Generations>,
+}
+
+#[derive(Default)]
+struct Generations {
+    current: HashMap<u64, (Box<str>, Session)>,
+    previous: HashMap<u64, (Box<str>, Session)>,
+    /// Estimated bytes held by `current`.
+    current_bytes: usize,
+    started: Option<Instant>,
 }
 
 impl std::fmt::Debug for OpenedCache {
     // Entries hold cookie values: never printed.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = self.map.lock().map_or(0, |m| m.len());
+        let n = self.gens.lock().map_or(0, |g| g.len());
         write!(f, "OpenedCache({n} entries)")
     }
 }
 
-/// At most this many opened sessions are kept (a few MB).
+/// At most this many opened sessions are kept, over both generations.
 const OPENED_MAX: usize = 1024;
+/// At most about this many bytes of them (sealed value + session, estimated), over both.
+const OPENED_MAX_BYTES: usize = 4 << 20;
+/// How long a generation lasts.
+const OPENED_PERIOD: Duration = Duration::from_secs(120);
+
+impl Generations {
+    fn len(&self) -> usize {
+        self.current.len() + self.previous.len()
+    }
+
+    /// The sealed value plus the session it opens to (which is smaller than the value's
+    /// base64 ciphertext), plus the map's own overhead.
+    fn cost(sealed: &str) -> usize {
+        2 * sealed.len() + 128
+    }
+
+    fn rotate(&mut self, now: Instant) {
+        self.previous = std::mem::take(&mut self.current);
+        self.current_bytes = 0;
+        self.started = Some(now);
+    }
+
+    fn rotate_if_due(&mut self, now: Instant) {
+        match self.started {
+            Some(t) if now.saturating_duration_since(t) < OPENED_PERIOD => {}
+            Some(_) => self.rotate(now),
+            None => self.started = Some(now),
+        }
+    }
+
+    fn insert(&mut self, k: u64, sealed: Box<str>, session: Session, now: Instant) {
+        let cost = Self::cost(&sealed);
+        if self.current.len() >= OPENED_MAX / 2 || self.current_bytes + cost > OPENED_MAX_BYTES / 2
+        {
+            self.rotate(now);
+        }
+        if let Some((old, _)) = self.current.insert(k, (sealed, session)) {
+            self.current_bytes = self.current_bytes.saturating_sub(Self::cost(&old));
+        }
+        self.current_bytes += cost;
+    }
+}
 
 impl OpenedCache {
     /// The sealed value's tail is its AEAD tag (random per seal): enough to find the entry,
@@ -106,19 +164,52 @@ impl OpenedCache {
     }
 
     fn get(&self, sealed: &str) -> Option<Session> {
-        let map = self.map.lock().ok()?;
-        match map.get(&Self::key(sealed)) {
-            Some((v, s)) if **v == *sealed => Some(s.clone()),
-            _ => None,
+        self.get_at(sealed, Instant::now())
+    }
+
+    fn get_at(&self, sealed: &str, now: Instant) -> Option<Session> {
+        let mut g = self.gens.lock().ok()?;
+        g.rotate_if_due(now);
+        let k = Self::key(sealed);
+        if let Some((v, s)) = g.current.get(&k) {
+            return (**v == *sealed).then(|| s.clone());
+        }
+        match g.previous.remove(&k) {
+            Some((v, s)) if *v == *sealed => {
+                let out = s.clone();
+                g.insert(k, v, s, now);
+                Some(out)
+            }
+            Some(other) => {
+                // Same key, other value: leave the entry where it was.
+                g.previous.insert(k, other);
+                None
+            }
+            None => None,
         }
     }
 
     fn put(&self, sealed: &str, session: &Session) {
-        if let Ok(mut map) = self.map.lock() {
-            if map.len() >= OPENED_MAX {
-                map.clear();
+        self.put_at(sealed, session, Instant::now());
+    }
+
+    fn put_at(&self, sealed: &str, session: &Session, now: Instant) {
+        if let Ok(mut g) = self.gens.lock() {
+            g.rotate_if_due(now);
+            g.insert(Self::key(sealed), sealed.into(), session.clone(), now);
+        }
+    }
+
+    /// A logged-out session's value is not kept.
+    fn forget(&self, sealed: &str) {
+        if let Ok(mut guard) = self.gens.lock() {
+            let g = &mut *guard;
+            let k = Self::key(sealed);
+            for map in [&mut g.current, &mut g.previous] {
+                if map.get(&k).is_some_and(|(v, _)| **v == *sealed) {
+                    map.remove(&k);
+                }
             }
-            map.insert(Self::key(sealed), (sealed.into(), session.clone()));
         }
     }
 }
@@ -256,6 +347,11 @@ impl SessionStore {
 
     /// Ends the session: its cookies are cleared and, server-side, it is deleted for every replica.
     pub async fn remove(&self, cookies: &Cookies, session: Option<&Session>) {
+        if let Backend::Cookie = self.backend {
+            if let Some(sealed) = self.rules.read_session(cookies) {
+                self.opened.forget(&sealed);
+            }
+        }
         if let (Backend::Redis(r), Some(s)) = (&self.backend, session) {
             let started = Instant::now();
             let res = r.delete(s).await;
@@ -354,7 +450,62 @@ mod tests {
         for i in 0..(OPENED_MAX * 3) {
             cache.put(&format!("value-{i:08}-and-some-tag-bytes"), &session("bob"));
         }
-        let n = cache.map.lock().map_or(usize::MAX, |m| m.len());
+        let n = cache.gens.lock().map_or(usize::MAX, |g| g.len());
         assert!(n <= OPENED_MAX, "{n} entries");
+        assert!(
+            n >= OPENED_MAX / 2,
+            "{n} entries: the bound is not the whole story"
+        );
+    }
+
+    #[test]
+    fn opened_cache_bounds_bytes_too() {
+        let cache = OpenedCache::default();
+        let big = "x".repeat(64 * 1024);
+        for i in 0..200 {
+            cache.put(&format!("{big}{i:024}"), &session("carol"));
+        }
+        let (n, bytes) = cache.gens.lock().map_or((usize::MAX, usize::MAX), |g| {
+            let all = g.current.values().chain(g.previous.values());
+            (g.len(), all.map(|(v, _)| Generations::cost(v)).sum())
+        });
+        assert!(bytes <= OPENED_MAX_BYTES, "{bytes} bytes in {n} entries");
+        assert!(n < 200);
+    }
+
+    #[test]
+    fn opened_cache_keeps_what_is_used_and_drops_the_rest() {
+        let cache = OpenedCache::default();
+        let t0 = Instant::now();
+        let (used, idle) = (
+            format!("{}{}", "U".repeat(100), "used-tag-used-tag-used-t"),
+            format!("{}{}", "I".repeat(100), "idle-tag-idle-tag-idle-t"),
+        );
+        cache.put_at(&used, &session("u"), t0);
+        cache.put_at(&idle, &session("i"), t0);
+        let later = |n: u32| t0 + OPENED_PERIOD * n + Duration::from_secs(1);
+        for n in 1..=4 {
+            assert!(cache.get_at(&used, later(n)).is_some(), "period {n}");
+        }
+        // Two periods without a lookup: the idle entry is gone (it would be opened again).
+        assert!(cache.get_at(&idle, later(4)).is_none());
+        let n = cache.gens.lock().map_or(usize::MAX, |g| g.len());
+        assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn opened_cache_forgets_a_logged_out_value() {
+        let cache = OpenedCache::default();
+        let sealed = format!("{}{}", "A".repeat(100), "tagtagtagtagtagtagtagtag");
+        cache.put(&sealed, &session("alice"));
+        // Another value with the same tail does not make it forget.
+        cache.forget(&format!(
+            "{}{}",
+            "B".repeat(100),
+            "tagtagtagtagtagtagtagtag"
+        ));
+        assert!(cache.get(&sealed).is_some());
+        cache.forget(&sealed);
+        assert!(cache.get(&sealed).is_none());
     }
 }
