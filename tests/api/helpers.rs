@@ -1866,6 +1866,17 @@ pub fn session_cookies_set(resp: &reqwest::Response) -> Vec<SetCookie> {
         .collect()
 }
 
+/// The Cookie header a browser would send back for the session cookies in `set`, whatever their
+/// Max-Age: a test of the server's own expiry check replays what it was given, not what a
+/// cookie jar still keeps (a 1 s lifetime can be gone from the jar before the test reads it).
+pub fn session_cookie_header_of(set: &[SetCookie]) -> String {
+    set.iter()
+        .filter(|c| is_session_cookie_name(&c.name) && !c.value.is_empty())
+        .map(|c| format!("{}={}", c.name, c.value))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 pub fn assert_no_session_cookie_set(resp: &reqwest::Response) {
     let set = session_cookies_set(resp);
     assert!(

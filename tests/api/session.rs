@@ -557,9 +557,8 @@ async fn session_past_its_absolute_lifetime_is_rejected_server_side() {
             .session("absolute_timeout_s = 1"),
     )
     .await;
-    app.login().await;
-    let cookie = app.session_cookie_header();
-    assert!(!cookie.is_empty());
+    let cookie = session_cookie_header_of(&app.login().await);
+    assert!(!cookie.is_empty(), "the callback set no session cookie");
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     let resp = app
         .raw_client
