@@ -182,13 +182,15 @@ const REQUEST_TIMEOUT: Canned = Canned {
 };
 
 /// The connection's socket, shared by hyper and the listener loop so that the loop can still
-/// answer on it after hyper has given up on the connection. Reads and writes go straight to the
-/// socket (readiness + `try_read`/`try_write`, as `TcpStream`'s own `AsyncRead` does).
+/// answer on it after hyper has given up on the connection. Reads and writes go through tokio's
+/// own `TcpStream` I/O: it reads into hyper's buffer without zero-filling it first, and a short
+/// read clears the readiness, so no extra `recv` returning `EAGAIN` follows each request. The
+/// lock is never contended: the loop touches the socket only after hyper is done with it.
 #[derive(Clone)]
 struct SharedStream(Arc<SharedInner>);
 
 struct SharedInner {
-    stream: tokio::net::TcpStream,
+    stream: std::sync::Mutex<tokio::net::TcpStream>,
     /// Bytes arrived since the last answer was written: a request (head) is under way.
     started: AtomicBool,
 }
@@ -196,13 +198,24 @@ struct SharedInner {
 impl SharedStream {
     fn new(stream: tokio::net::TcpStream) -> Self {
         Self(Arc::new(SharedInner {
-            stream,
+            stream: std::sync::Mutex::new(stream),
             started: AtomicBool::new(false),
         }))
     }
 
     fn request_started(&self) -> bool {
         self.0.started.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` on the socket; a poisoned lock (a panic mid-poll) is an I/O error, not a panic.
+    fn with_stream<T>(
+        &self,
+        f: impl FnOnce(std::pin::Pin<&mut tokio::net::TcpStream>) -> std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        match self.0.stream.lock() {
+            Ok(mut s) => f(std::pin::Pin::new(&mut *s)),
+            Err(_) => std::task::Poll::Ready(Err(std::io::Error::other("connection state lost"))),
+        }
     }
 
     async fn answer_and_close(mut self, canned: Canned) {
@@ -226,21 +239,12 @@ impl tokio::io::AsyncRead for SharedStream {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        let inner = &self.0;
-        loop {
-            std::task::ready!(inner.stream.poll_read_ready(cx))?;
-            match inner.stream.try_read(buf.initialize_unfilled()) {
-                Ok(n) => {
-                    if n > 0 {
-                        inner.started.store(true, Ordering::Relaxed);
-                    }
-                    buf.advance(n);
-                    return std::task::Poll::Ready(Ok(()));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return std::task::Poll::Ready(Err(e)),
-            }
+        let before = buf.filled().len();
+        let r = self.with_stream(|s| s.poll_read(cx, buf));
+        if matches!(r, std::task::Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.0.started.store(true, Ordering::Relaxed);
         }
+        r
     }
 }
 
@@ -250,7 +254,9 @@ impl tokio::io::AsyncWrite for SharedStream {
         cx: &mut std::task::Context<'_>,
         data: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        self.poll_write_with(cx, |s| s.try_write(data))
+        let r = self.with_stream(|s| s.poll_write(cx, data));
+        self.wrote(&r);
+        r
     }
 
     fn poll_write_vectored(
@@ -258,7 +264,9 @@ impl tokio::io::AsyncWrite for SharedStream {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        self.poll_write_with(cx, |s| s.try_write_vectored(bufs))
+        let r = self.with_stream(|s| s.poll_write_vectored(cx, bufs));
+        self.wrote(&r);
+        r
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -276,33 +284,21 @@ impl tokio::io::AsyncWrite for SharedStream {
         self: std::pin::Pin<&mut Self>,
         _: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        let r = socket2::SockRef::from(&self.0.stream).shutdown(std::net::Shutdown::Write);
-        std::task::Poll::Ready(match r {
-            Err(e) if e.kind() == std::io::ErrorKind::NotConnected => Ok(()),
-            other => other,
+        self.with_stream(|s| {
+            let r = socket2::SockRef::from(&*s).shutdown(std::net::Shutdown::Write);
+            std::task::Poll::Ready(match r {
+                Err(e) if e.kind() == std::io::ErrorKind::NotConnected => Ok(()),
+                other => other,
+            })
         })
     }
 }
 
 impl SharedStream {
-    fn poll_write_with(
-        &self,
-        cx: &mut std::task::Context<'_>,
-        mut write: impl FnMut(&tokio::net::TcpStream) -> std::io::Result<usize>,
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let inner = &self.0;
-        loop {
-            std::task::ready!(inner.stream.poll_write_ready(cx))?;
-            match write(&inner.stream) {
-                Ok(n) => {
-                    if n > 0 {
-                        inner.started.store(false, Ordering::Relaxed);
-                    }
-                    return std::task::Poll::Ready(Ok(n));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return std::task::Poll::Ready(Err(e)),
-            }
+    /// An answer went out: the next bytes to arrive start a new request.
+    fn wrote(&self, r: &std::task::Poll<std::io::Result<usize>>) {
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if *n > 0) {
+            self.0.started.store(false, Ordering::Relaxed);
         }
     }
 }
