@@ -6,19 +6,6 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::session::cookie::CookieRules;
 
-/// RFC 9110 §7.6.1 hop-by-hop headers, plus the legacy ones proxies still see.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
 /// Identity headers that some auth proxies set for their upstreams: a browser must never be able
 /// to supply them, so they are dropped on the way in.
 const SPOOFABLE_IDENTITY: &[&str] = &[
@@ -39,20 +26,47 @@ const SPOOFABLE_IDENTITY: &[&str] = &[
     "x-id-token",
 ];
 
+/// RFC 9110 §7.6.1 hop-by-hop headers, plus the legacy ones proxies still see; as header names,
+/// compared without parsing or hashing a string per rule.
+static HOP_BY_HOP_NAMES: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
 /// Removes hop-by-hop headers and every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in listed {
-        headers.remove(n);
+    // One pass over the names present (usually none of them is hop-by-hop, or only
+    // `Connection`), instead of a lookup per rule on every request and response.
+    let mut drop: Vec<HeaderName> = Vec::new();
+    for (name, value) in headers.iter() {
+        if HOP_BY_HOP_NAMES.contains(name) {
+            if !drop.contains(name) {
+                drop.push(name.clone());
+            }
+            if name == header::CONNECTION {
+                let listed = value
+                    .to_str()
+                    .ok()
+                    .into_iter()
+                    .flat_map(|v| v.split(','))
+                    .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok());
+                for n in listed {
+                    if !drop.contains(&n) {
+                        drop.push(n);
+                    }
+                }
+            }
+        }
     }
-    for n in HOP_BY_HOP {
-        headers.remove(*n);
+    for n in drop {
+        headers.remove(n);
     }
 }
 
@@ -64,16 +78,16 @@ pub fn strip_our_cookies(headers: &mut HeaderMap, rules: &CookieRules) {
     }
     let mut kept: Vec<&[u8]> = Vec::new();
     for v in &values {
-        for pair in v.as_bytes().split(|&b| b == b';') {
-            let trimmed = trim_ascii(pair);
-            if trimmed.is_empty() {
-                continue;
-            }
-            let name = trimmed.split(|&b| b == b'=').next().unwrap_or(b"");
-            let ours = std::str::from_utf8(trim_ascii(name)).is_ok_and(|n| rules.is_ours(n));
-            if !ours {
-                kept.push(trimmed);
-            }
+        // A session cookie is kilobytes long: split text with `str`'s fast search, and only
+        // non-UTF-8 values byte by byte.
+        match std::str::from_utf8(v.as_bytes()) {
+            Ok(text) => text
+                .split(';')
+                .for_each(|p| keep_unless_ours(p.as_bytes(), rules, &mut kept)),
+            Err(_) => v
+                .as_bytes()
+                .split(|&b| b == b';')
+                .for_each(|p| keep_unless_ours(p, rules, &mut kept)),
         }
     }
     headers.remove(header::COOKIE);
@@ -81,6 +95,19 @@ pub fn strip_our_cookies(headers: &mut HeaderMap, rules: &CookieRules) {
         if let Ok(v) = HeaderValue::from_bytes(&kept.join(&b"; "[..])) {
             headers.insert(header::COOKIE, v);
         }
+    }
+}
+
+/// Adds one `name=value` pair of a `Cookie` header to `kept` unless it is empty or ours.
+fn keep_unless_ours<'a>(pair: &'a [u8], rules: &CookieRules, kept: &mut Vec<&'a [u8]>) {
+    let trimmed = trim_ascii(pair);
+    if trimmed.is_empty() {
+        return;
+    }
+    let name = trimmed.split(|&b| b == b'=').next().unwrap_or(b"");
+    let ours = std::str::from_utf8(trim_ascii(name)).is_ok_and(|n| rules.is_ours(n));
+    if !ours {
+        kept.push(trimmed);
     }
 }
 
@@ -159,6 +186,10 @@ pub fn strip_credentials(headers: &mut HeaderMap) {
 
 /// Sets `X-Forwarded-For/-Proto/-Host`. Values the client sent are believed only when the peer
 /// is a trusted proxy; otherwise they and `Forwarded` are replaced.
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 pub fn set_forwarded(
     headers: &mut HeaderMap,
     peer: IpAddr,
@@ -168,7 +199,7 @@ pub fn set_forwarded(
 ) {
     let prior_xff = if trusted_peer {
         headers
-            .get_all("x-forwarded-for")
+            .get_all(&X_FORWARDED_FOR)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .map(str::to_string)
@@ -178,27 +209,27 @@ pub fn set_forwarded(
         String::new()
     };
     let keep_proto_host = trusted_peer
-        && headers.contains_key("x-forwarded-proto")
-        && headers.contains_key("x-forwarded-host");
+        && headers.contains_key(&X_FORWARDED_PROTO)
+        && headers.contains_key(&X_FORWARDED_HOST);
     if !trusted_peer {
-        headers.remove("forwarded");
+        headers.remove(header::FORWARDED);
     }
-    headers.remove("x-forwarded-for");
+    headers.remove(&X_FORWARDED_FOR);
     let xff = if prior_xff.is_empty() {
         peer.to_string()
     } else {
         format!("{prior_xff}, {peer}")
     };
     if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+        headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     if !keep_proto_host {
         headers.insert(
-            "x-forwarded-proto",
+            X_FORWARDED_PROTO.clone(),
             HeaderValue::from_str(proto).unwrap_or(HeaderValue::from_static("http")),
         );
         if let Ok(v) = HeaderValue::from_str(host) {
-            headers.insert("x-forwarded-host", v);
+            headers.insert(X_FORWARDED_HOST.clone(), v);
         }
     }
 }
