@@ -9,7 +9,7 @@ use tokengate::auth::return_to::sanitize;
 use tokengate::auth::QueryParams;
 use tokengate::idp::id_token::unverified_claims;
 use tokengate::proxy::path::{is_clean, under_prefix};
-use tokengate::session::cookie::{CookieRules, CHUNK, MAX_CHUNKS};
+use tokengate::session::cookie::{CookieRules, RequestCookies, CHUNK, MAX_CHUNKS};
 use tokengate::session::seal::Sealer;
 use tower_cookies::{Cookie, Cookies};
 use url::Url;
@@ -241,9 +241,11 @@ fn check_session_cookie(data: &[u8]) -> bool {
         let name = name.replace('$', rules.session_name());
         jar.add(Cookie::new(name, value.to_string()));
     }
-    let _ = rules.has_session_cookie(&jar);
     let _ = rules.tx_names(&jar);
-    let opened = match rules.read_session(&jar) {
+    // The same cookies as the browser's Cookie header, which is what the session is read from.
+    let sent = RequestCookies::sent_back(&jar);
+    let _ = rules.has_session_cookie(&sent);
+    let opened = match rules.read_session(&sent) {
         Some(v) => {
             assert!(!v.is_empty());
             sealer.open(&aad, &v).is_some()
@@ -254,8 +256,9 @@ fn check_session_cookie(data: &[u8]) -> bool {
     let sealed = sealer.seal(&aad, &payload);
     let jar = Cookies::default();
     if rules.write_session(&jar, &sealed, Duration::from_secs(60)) {
+        let sent = RequestCookies::sent_back(&jar);
         let back = rules
-            .read_session(&jar)
+            .read_session(&sent)
             .expect("a written session reads back");
         assert_eq!(back, sealed);
         assert_eq!(sealer.open(&aad, &back).as_deref(), Some(&payload[..]));

@@ -2,11 +2,11 @@
 //! a pending transaction (single use), the `iss` parameter (RFC 9207), redeems the code with the
 //! PKCE verifier, validates the ID token, and creates the session.
 
+use crate::session::cookie::RequestCookies;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use http::{header, HeaderValue, StatusCode};
 use subtle::ConstantTimeEq;
-use tower_cookies::Cookies;
 
 use super::login::{is_token_shaped, random_token, LoginTx};
 use super::QueryParams;
@@ -19,7 +19,7 @@ const SECURITY_PARAMS: &[&str] = &["state", "code", "iss", "error", "error_descr
 
 pub async fn callback(
     State(state): State<AppState>,
-    cookies: Cookies,
+    cookies: RequestCookies,
     uri: http::Uri,
 ) -> Result<Response, ApiError> {
     let result = complete_login(&state, &cookies, &uri).await;
@@ -58,7 +58,7 @@ pub async fn callback(
 /// The callback's work; the `&str` is the failure reason when the IdP sent an error.
 async fn complete_login(
     state: &AppState,
-    cookies: &Cookies,
+    cookies: &RequestCookies,
     uri: &http::Uri,
 ) -> Result<(Response, &'static str), ApiError> {
     let params = QueryParams::parse(uri.query(), SECURITY_PARAMS)?;
@@ -173,7 +173,7 @@ async fn complete_login(
 /// Finds, opens and consumes the transaction named by `state`. Every outcome clears the cookie.
 async fn take_transaction(
     state: &AppState,
-    cookies: &Cookies,
+    cookies: &RequestCookies,
     param: Option<&str>,
 ) -> Result<LoginTx, ApiError> {
     let unknown = || {
@@ -182,7 +182,7 @@ async fn take_transaction(
     let s = param.filter(|s| is_token_shaped(s)).ok_or_else(unknown)?;
     let rules = state.store.rules();
     let name = rules.tx_name(s);
-    let value = cookies.get(&name).map(|c| c.value().to_string());
+    let value = cookies.sent(&name).map(str::to_string);
     let Some(value) = value else {
         return Err(unknown());
     };

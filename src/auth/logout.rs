@@ -4,11 +4,11 @@
 
 use std::time::Duration;
 
+use crate::session::cookie::RequestCookies;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::{header, HeaderMap, HeaderValue};
-use tower_cookies::Cookies;
 
 use crate::error::ApiError;
 use crate::idp::IdpError;
@@ -20,7 +20,7 @@ const REVOKE_BUDGET: Duration = Duration::from_secs(5);
 
 pub async fn logout(
     State(state): State<AppState>,
-    cookies: Cookies,
+    cookies: RequestCookies,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     check_csrf(&state, &headers)?;

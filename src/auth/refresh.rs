@@ -1,11 +1,11 @@
 //! `POST /refreshtoken`: refreshes the access token now (RFC 6749 §6) and tells the SPA how long
 //! it lasts. CSRF-checked first, then the session.
 
+use crate::session::cookie::RequestCookies;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::{header, HeaderMap, HeaderValue};
-use tower_cookies::Cookies;
 
 use crate::error::ApiError;
 use crate::session::extract::{check_csrf, force_refresh, require_session};
@@ -14,7 +14,7 @@ use crate::state::AppState;
 
 pub async fn refresh(
     State(state): State<AppState>,
-    cookies: Cookies,
+    cookies: RequestCookies,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     check_csrf(&state, &headers)?;

@@ -5,12 +5,12 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::session::cookie::RequestCookies;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::{header, HeaderValue};
 use serde_json::{Map, Value};
-use tower_cookies::Cookies;
 
 use crate::error::ApiError;
 use crate::idp::id_token::unverified_claims;
@@ -75,7 +75,7 @@ impl Cache {
 
 pub async fn userinfo(
     State(state): State<AppState>,
-    cookies: Cookies,
+    cookies: RequestCookies,
 ) -> Result<Response, ApiError> {
     let mut session = require_session(&state, &cookies).await?;
     let mut out = session

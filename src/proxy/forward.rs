@@ -10,13 +10,13 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::response::{IntoResponse, Response};
 use http::{header, HeaderValue};
 use tower::ServiceExt;
-use tower_cookies::Cookies;
 
 use super::headers;
 use super::path::is_clean;
 use super::upstream::upstream_uri;
 use crate::config::{RouteConfig, RouteToken};
 use crate::error::ApiError;
+use crate::session::cookie::RequestCookies;
 use crate::session::extract::{check_csrf, optional_session, require_session};
 use crate::session::route_token::{client_token, user_token};
 use crate::state::AppState;
@@ -25,7 +25,7 @@ use crate::state::AppState;
 pub async fn fallback(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    cookies: Cookies,
+    cookies: RequestCookies,
     req: Request,
 ) -> Response {
     let path = req.uri().path();
@@ -45,7 +45,7 @@ async fn proxy(
     state: &AppState,
     route: &RouteConfig,
     peer: SocketAddr,
-    cookies: &Cookies,
+    cookies: &RequestCookies,
     req: Request,
 ) -> Result<Response, ApiError> {
     // request_filter

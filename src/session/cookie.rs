@@ -5,8 +5,12 @@
 //! transaction (it must survive the top-level redirect back from the IdP); Path=/; `Secure` and the
 //! `__Host-` prefix whenever `public_url` is https.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
+use axum::extract::FromRequestParts;
+use http::request::Parts;
+use http::{header, HeaderMap, HeaderValue};
 use tower_cookies::cookie::SameSite;
 use tower_cookies::{Cookie, Cookies};
 
@@ -107,26 +111,25 @@ impl CookieRules {
     // ---- the session ----
 
     /// The sealed session value the browser sent, reassembled from its chunks.
-    pub fn read_session(&self, cookies: &Cookies) -> Option<String> {
-        if let Some(c) = cookies.get(&self.session_name) {
-            if !c.value().is_empty() {
-                return Some(c.value().to_string());
+    pub fn read_session<'a>(&self, cookies: &'a RequestCookies) -> Option<Cow<'a, str>> {
+        if let Some(v) = cookies.sent(&self.session_name) {
+            if !v.is_empty() {
+                return Some(Cow::Borrowed(v));
             }
         }
         let mut out = String::new();
         for i in 0..MAX_CHUNKS {
-            match cookies.get(&format!("{}.{i}", self.session_name)) {
-                Some(c) if !c.value().is_empty() => out.push_str(c.value()),
+            match cookies.sent(&format!("{}.{i}", self.session_name)) {
+                Some(v) if !v.is_empty() => out.push_str(v),
                 _ => break,
             }
         }
-        (!out.is_empty()).then_some(out)
+        (!out.is_empty()).then_some(Cow::Owned(out))
     }
 
     /// True when the browser sent any session cookie or chunk.
-    pub fn has_session_cookie(&self, cookies: &Cookies) -> bool {
-        cookies.list().iter().any(|c| {
-            let n = c.name();
+    pub fn has_session_cookie(&self, cookies: &RequestCookies) -> bool {
+        cookies.pairs().any(|(n, _)| {
             n == self.session_name || (self.is_ours(n) && !n.starts_with(&self.tx_prefix))
         })
     }
@@ -196,6 +199,82 @@ impl CookieRules {
     }
 }
 
+/// The request's cookies: read as the browser sent them (the `Cookie` header values), written
+/// through tower-cookies' jar, which turns changes into `Set-Cookie`s. Reading the session
+/// straight from the header spares every API call the jar's parse (a copy and a
+/// percent-decoding pass over every cookie). Like the jar, the last of several cookies of one
+/// name counts; unlike it, nothing is percent-decoded: tokengate's names and values are plain
+/// (base64url), so an encoded one is not ours.
+#[derive(Clone, Debug)]
+pub struct RequestCookies {
+    sent: Vec<HeaderValue>,
+    jar: Cookies,
+}
+
+impl RequestCookies {
+    pub fn new(headers: &HeaderMap, jar: Cookies) -> Self {
+        Self {
+            sent: headers.get_all(header::COOKIE).iter().cloned().collect(),
+            jar,
+        }
+    }
+
+    /// (name, value) of every cookie sent, in order; header values that are not UTF-8 and
+    /// pairs without `=` or without a name are skipped, as the jar does.
+    fn pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.sent
+            .iter()
+            .filter_map(|v| std::str::from_utf8(v.as_bytes()).ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|pair| {
+                let (n, v) = pair.split_once('=')?;
+                let n = n.trim();
+                (!n.is_empty()).then(|| (n, v.trim()))
+            })
+    }
+
+    /// What a browser holding `jar`'s cookies sends back: one `Cookie` header (tests and fuzzing
+    /// read what `write_session` wrote this way). Values that cannot be sent are left out.
+    pub fn sent_back(jar: &Cookies) -> Self {
+        let line = jar
+            .list()
+            .iter()
+            .map(|c| format!("{}={}", c.name(), c.value()))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let mut headers = HeaderMap::new();
+        if let Ok(v) = HeaderValue::from_str(&line) {
+            headers.insert(header::COOKIE, v);
+        }
+        Self::new(&headers, Cookies::default())
+    }
+
+    /// The value of the last cookie named `name` that the browser sent.
+    pub fn sent(&self, name: &str) -> Option<&str> {
+        self.pairs()
+            .filter(|(n, _)| *n == name)
+            .last()
+            .map(|(_, v)| v)
+    }
+}
+
+/// Writes go to the jar.
+impl std::ops::Deref for RequestCookies {
+    type Target = Cookies;
+    fn deref(&self) -> &Cookies {
+        &self.jar
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for RequestCookies {
+    type Rejection = <Cookies as FromRequestParts<S>>::Rejection;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let jar = Cookies::from_request_parts(parts, state).await?;
+        Ok(Self::new(&parts.headers, jar))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,6 +324,28 @@ mod tests {
     }
 
     #[test]
+    fn request_cookies_read_what_was_sent_last_wins() {
+        let mut headers = HeaderMap::new();
+        for v in [
+            &b"a=1; tg_session = first ;junk; =x"[..],
+            b"\xff=\xfe",
+            b"b=2;tg_session=second",
+        ] {
+            headers.append(header::COOKIE, HeaderValue::from_bytes(v).expect("value"));
+        }
+        let c = RequestCookies::new(&headers, Cookies::default());
+        assert_eq!(c.sent("tg_session"), Some("second"));
+        assert_eq!(c.sent("a"), Some("1"));
+        assert_eq!(c.sent("junk"), None);
+        assert_eq!(c.sent(""), None);
+        let r = CookieRules::new(false);
+        assert_eq!(r.read_session(&c).as_deref(), Some("second"));
+        let none = RequestCookies::new(&HeaderMap::new(), Cookies::default());
+        assert!(r.read_session(&none).is_none());
+        assert!(!r.has_session_cookie(&none));
+    }
+
+    #[test]
     fn large_sessions_are_chunked_and_reassembled() {
         let r = CookieRules::new(false);
         let jar = Cookies::default();
@@ -252,7 +353,22 @@ mod tests {
         assert!(r.write_session(&jar, &big, Duration::from_secs(60)));
         assert!(jar.get("tg_session.0").is_some());
         assert!(jar.get("tg_session.2").is_some());
-        assert_eq!(r.read_session(&jar).as_deref(), Some(big.as_str()));
+        // What the browser sends back: the chunks, in any order, among other cookies.
+        let mut sent: Vec<String> = jar
+            .list()
+            .iter()
+            .map(|c| format!("{}={}", c.name(), c.value()))
+            .collect();
+        sent.reverse();
+        sent.push("other=1".into());
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::COOKIE,
+            HeaderValue::from_str(&sent.join("; ")).expect("header"),
+        );
+        let back = RequestCookies::new(&headers, Cookies::default());
+        assert_eq!(r.read_session(&back).as_deref(), Some(big.as_str()));
+        assert!(r.has_session_cookie(&back));
         assert!(!r.write_session(
             &jar,
             &"a".repeat(CHUNK * MAX_CHUNKS + 1),

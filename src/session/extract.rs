@@ -4,6 +4,7 @@
 use http::{header, HeaderMap};
 use tower_cookies::Cookies;
 
+use super::cookie::RequestCookies;
 use super::store::{Loaded, StoreError};
 use super::tokens::{now_s, Session};
 use crate::error::ApiError;
@@ -46,7 +47,10 @@ pub fn check_csrf(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError>
 }
 
 /// Loads the session or answers 401 (clearing a cookie that is unreadable or expired).
-pub async fn require_session(state: &AppState, cookies: &Cookies) -> Result<Session, ApiError> {
+pub async fn require_session(
+    state: &AppState,
+    cookies: &RequestCookies,
+) -> Result<Session, ApiError> {
     match optional_session(state, cookies).await? {
         Some(s) => Ok(s),
         None => Err(ApiError::unauthorized("no session: log in first")),
@@ -56,7 +60,7 @@ pub async fn require_session(state: &AppState, cookies: &Cookies) -> Result<Sess
 /// Loads the session if there is a usable one; unreadable or expired cookies are cleared.
 pub async fn optional_session(
     state: &AppState,
-    cookies: &Cookies,
+    cookies: &RequestCookies,
 ) -> Result<Option<Session>, ApiError> {
     let store = &state.store;
     let mut session = match store.load(cookies).await.map_err(store_error)? {
@@ -114,7 +118,9 @@ pub async fn ensure_fresh(
     if !session.needs_refresh(now, state.config.oauth.refresh_skew) {
         return Ok(());
     }
-    refresh_now(state, cookies, session, true)
+    // Boxed: the refresh path's future is large and rarely taken; inline, it would make every
+    // API call's future (moved several times through the middleware) kilobytes bigger.
+    Box::pin(refresh_now(state, cookies, session, true))
         .await
         .or_else(|e| {
             // Still valid: a transient failure does not stop the request.
@@ -134,7 +140,7 @@ pub async fn force_refresh(
     cookies: &Cookies,
     session: &mut Session,
 ) -> Result<(), ApiError> {
-    refresh_now(state, cookies, session, false).await
+    Box::pin(refresh_now(state, cookies, session, false)).await
 }
 
 /// `proactive`: refreshing ahead of expiry before using the token; then a session without a

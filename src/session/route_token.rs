@@ -198,7 +198,8 @@ impl RouteTokens {
             }
             _ => {}
         }
-        let result = fetch().await;
+        // Boxed: a grant is a large future, and only a miss needs it.
+        let result = Box::pin(fetch()).await;
         *slot = Some(match &result {
             Ok(c) => Ok(c.clone()),
             Err(e) => Err(Failure::from(e)),
@@ -226,7 +227,9 @@ pub async fn user_token(
     route: &RouteConfig,
 ) -> Result<AccessToken, ApiError> {
     if let Some(exchange) = &route.exchange {
-        return exchanged_token(state, cookies, session, route, exchange).await;
+        // Boxed: a large future, so the common path's future (moved through the middleware)
+        // stays small.
+        return Box::pin(exchanged_token(state, cookies, session, route, exchange)).await;
     }
     if !route.wants_own_token() {
         super::extract::ensure_fresh(state, cookies, session).await?;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tower_cookies::Cookies;
 
-use super::cookie::CookieRules;
+use super::cookie::{CookieRules, RequestCookies};
 use super::refresh::{grant, grant_for, RefreshError, Rotations};
 use super::seal::Sealer;
 use super::store_redis::RedisStore;
@@ -200,16 +200,21 @@ impl OpenedCache {
         }
     }
 
-    /// A logged-out session's value is not kept.
-    fn forget(&self, sealed: &str) {
+    /// An ended session is not kept: every value it was sealed to (each touch or refresh made
+    /// one) is dropped. Logouts are rare; the scan is over at most [`OPENED_MAX`] entries.
+    fn forget(&self, sid: &str) {
         if let Ok(mut guard) = self.gens.lock() {
             let g = &mut *guard;
-            let k = Self::key(sealed);
-            for map in [&mut g.current, &mut g.previous] {
-                if map.get(&k).is_some_and(|(v, _)| **v == *sealed) {
-                    map.remove(&k);
+            let mut freed = 0;
+            g.current.retain(|_, (v, s)| {
+                let keep = s.id != sid;
+                if !keep {
+                    freed += Generations::cost(v);
                 }
-            }
+                keep
+            });
+            g.current_bytes = g.current_bytes.saturating_sub(freed);
+            g.previous.retain(|_, (_, s)| s.id != sid);
         }
     }
 }
@@ -259,14 +264,14 @@ impl SessionStore {
         self.metrics.store_op(op, started.elapsed(), r.is_ok());
     }
 
-    pub async fn load(&self, cookies: &Cookies) -> Result<Loaded, StoreError> {
+    pub async fn load(&self, cookies: &RequestCookies) -> Result<Loaded, StoreError> {
         let started = Instant::now();
         let r = self.load_inner(cookies).await;
         self.observe("load", started, &r);
         r
     }
 
-    async fn load_inner(&self, cookies: &Cookies) -> Result<Loaded, StoreError> {
+    async fn load_inner(&self, cookies: &RequestCookies) -> Result<Loaded, StoreError> {
         let Some(sealed) = self.rules.read_session(cookies) else {
             return Ok(if self.rules.has_session_cookie(cookies) {
                 Loaded::Unreadable
@@ -297,7 +302,9 @@ impl SessionStore {
                 let Ok(sid) = std::str::from_utf8(&plain) else {
                     return Ok(Loaded::Unreadable);
                 };
-                Ok(r.get(sid).await?.map_or(Loaded::Unreadable, Loaded::Some))
+                Ok(Box::pin(r.get(sid))
+                    .await?
+                    .map_or(Loaded::Unreadable, Loaded::Some))
             }
         }
     }
@@ -320,7 +327,7 @@ impl SessionStore {
         let cookie_value = match &self.backend {
             Backend::Cookie => serde_json::to_vec(session).map_err(|_| StoreError::TooLarge)?,
             Backend::Redis(r) => {
-                r.put(session, self.idle, self.absolute).await?;
+                Box::pin(r.put(session, self.idle, self.absolute)).await?;
                 session.id.as_bytes().to_vec()
             }
         };
@@ -347,14 +354,12 @@ impl SessionStore {
 
     /// Ends the session: its cookies are cleared and, server-side, it is deleted for every replica.
     pub async fn remove(&self, cookies: &Cookies, session: Option<&Session>) {
-        if let Backend::Cookie = self.backend {
-            if let Some(sealed) = self.rules.read_session(cookies) {
-                self.opened.forget(&sealed);
-            }
+        if let (Backend::Cookie, Some(s)) = (&self.backend, session) {
+            self.opened.forget(&s.id);
         }
         if let (Backend::Redis(r), Some(s)) = (&self.backend, session) {
             let started = Instant::now();
-            let res = r.delete(s).await;
+            let res = Box::pin(r.delete(s)).await;
             self.observe("delete", started, &res);
             if let Err(e) = res {
                 tracing::warn!(error = %e, "could not delete the session from the store");
@@ -494,18 +499,25 @@ mod tests {
     }
 
     #[test]
-    fn opened_cache_forgets_a_logged_out_value() {
+    fn opened_cache_forgets_every_value_of_an_ended_session() {
         let cache = OpenedCache::default();
-        let sealed = format!("{}{}", "A".repeat(100), "tagtagtagtagtagtagtagtag");
-        cache.put(&sealed, &session("alice"));
-        // Another value with the same tail does not make it forget.
-        cache.forget(&format!(
-            "{}{}",
-            "B".repeat(100),
-            "tagtagtagtagtagtagtagtag"
-        ));
-        assert!(cache.get(&sealed).is_some());
-        cache.forget(&sealed);
-        assert!(cache.get(&sealed).is_none());
+        let t0 = Instant::now();
+        let (a1, a2, b) = (
+            format!("{}{}", "A".repeat(100), "tag1tag1tag1tag1tag1tag1"),
+            format!("{}{}", "a".repeat(100), "tag2tag2tag2tag2tag2tag2"),
+            format!("{}{}", "B".repeat(100), "tag3tag3tag3tag3tag3tag3"),
+        );
+        let (mut alice, bob) = (session("alice"), session("bob"));
+        alice.id = "sid-alice".into();
+        cache.put_at(&a1, &alice, t0);
+        // A later value of the same session, in the next generation.
+        cache.put_at(&a2, &alice, t0 + OPENED_PERIOD + Duration::from_secs(1));
+        cache.put_at(&b, &bob, t0 + OPENED_PERIOD + Duration::from_secs(1));
+        cache.forget("sid-alice");
+        assert!(cache.get(&a1).is_none());
+        assert!(cache.get(&a2).is_none());
+        assert!(cache.get(&b).is_some(), "another session was forgotten");
+        let bytes = cache.gens.lock().map_or(usize::MAX, |g| g.current_bytes);
+        assert_eq!(bytes, Generations::cost(&b));
     }
 }
