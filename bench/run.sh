@@ -22,6 +22,8 @@
 #   BIG=1G STARTS=7 STAMPEDE_N=50 STAMPEDE_TTL=4 OUT=bench/results/latest.md SKIP_BUILD=0
 #   KEEP_WORK=1 (keep the temp dir with every log and raw result)
 #   PROFILE=1 (one extra tokengate run under `perf record`: bench/results/perf-tokengate.txt)
+#   HOLD=1 (start the stack, log in, write $WORK/hold.env and wait: for profiling by hand)
+#   TG_SERVER_EXTRA='workers = 1' (extra [server] lines in tokengate's config)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -36,7 +38,7 @@ STAMPEDE_N=${STAMPEDE_N:-50}
 STAMPEDE_TTL=${STAMPEDE_TTL:-4}
 OUT=${OUT:-$ROOT/bench/results/latest.md}
 SKIP_BUILD=${SKIP_BUILD:-0}
-BIN=$ROOT/target/release/tokengate
+BIN=${BIN:-$ROOT/target/release/tokengate}
 
 log() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() {
@@ -297,6 +299,7 @@ tg_config() { # FILE PORT ISSUER STORE [extra [oauth] lines]
 listen = "127.0.0.1:$2"
 public_url = "http://127.0.0.1:$2"
 static_dir = "$ROOT/static"
+${TG_SERVER_EXTRA:-}
 
 [oauth]
 issuer = "$3"
@@ -428,6 +431,25 @@ if "$BIN" check --config "$WORK/tg-redis.toml" >"$WORK/check-redis.out" 2>&1; th
   fi
 else
   fact redis_note "skipped: this tokengate build does not accept session.store = \"redis\" ($(grep -o 'session.store[^;]*' "$WORK/check-redis.out" | head -1))"
+fi
+
+# HOLD=1: keep the stack up for profiling by hand (perf, strace, wrk) instead of measuring; the
+# ports and fresh session cookies are in $WORK/hold.env; Ctrl-C (or kill) stops everything.
+if [ "${HOLD:-0}" = 1 ]; then
+  KEEP_WORK=1
+  log "HOLD=1: stack up, see $WORK/hold.env (cookies renewed every 50 s); Ctrl-C to stop"
+  while :; do
+    {
+      echo "UP=http://127.0.0.1:$UP_PORT NGX=http://127.0.0.1:$NGX_PORT TG=$TG TG_PID=$TG_PID"
+      echo "COOKIE='$(login_cookie "$TG" "$ISSUER" main)'"
+      if [ -n "${TGR:-}" ]; then
+        echo "TGR=$TGR TGR_PID=$TGR_PID"
+        echo "COOKIE_R='$(login_cookie "$TGR" "$ISSUER" redis)'"
+      fi
+    } >"$WORK/hold.env.new"
+    mv "$WORK/hold.env.new" "$WORK/hold.env"
+    sleep 50
+  done
 fi
 
 # ---------------------------------------------------------------- load: rounds A B C [D]
