@@ -33,10 +33,10 @@ pub fn app(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(forward::fallback)
         // Layers run outside-in for requests: log + metrics (request id, one line) → header
-        // size limit → no-store on any cookie change → cookie jar.
+        // size limit and no-store on any cookie change (one layer: each layer costs every API
+        // call a boxed future) → cookie jar.
         .layer(CookieManagerLayer::new())
-        .layer(middleware::from_fn(no_store_when_cookies_change))
-        .layer(middleware::from_fn_with_state(state.clone(), header_limit))
+        .layer(middleware::from_fn_with_state(state.clone(), header_limit_and_no_store))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             crate::telemetry::request_log,
@@ -91,8 +91,13 @@ async fn method_not_allowed() -> Response {
     )
 }
 
-/// Request headers beyond `server.max_header_bytes` → 431 with a JSON body.
-async fn header_limit(State(state): State<AppState>, req: Request, next: Next) -> Response {
+/// Request headers beyond `server.max_header_bytes` → 431 with a JSON body; and any response
+/// that sets or clears a cookie must not be stored by a shared cache.
+async fn header_limit_and_no_store(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
     let size: usize = req
         .headers()
         .iter()
@@ -105,11 +110,6 @@ async fn header_limit(State(state): State<AppState>, req: Request, next: Next) -
             "request headers too large",
         );
     }
-    next.run(req).await
-}
-
-/// Any response that sets or clears a cookie must not be stored by a shared cache.
-async fn no_store_when_cookies_change(req: Request, next: Next) -> Response {
     let mut resp = next.run(req).await;
     if resp.headers().contains_key(header::SET_COOKIE) {
         resp.headers_mut()
