@@ -36,7 +36,10 @@ pub fn app(state: AppState) -> Router {
         // size limit and no-store on any cookie change (one layer: each layer costs every API
         // call a boxed future) → cookie jar.
         .layer(CookieManagerLayer::new())
-        .layer(middleware::from_fn_with_state(state.clone(), header_limit_and_no_store))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            header_limit_and_no_store,
+        ))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             crate::telemetry::request_log,

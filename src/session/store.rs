@@ -86,7 +86,7 @@ pub struct Downscoped {
 /// sessions active in the last few minutes, never more than [`OPENED_MAX`] entries and
 /// [`OPENED_MAX_BYTES`].
 #[derive(Default)]
-struct OpenedCache {
+pub(crate) struct OpenedCache {
     gens: Mutex<Generations>,
 }
 
@@ -163,7 +163,7 @@ impl OpenedCache {
         h.finish()
     }
 
-    fn get(&self, sealed: &str) -> Option<Session> {
+    pub(crate) fn get(&self, sealed: &str) -> Option<Session> {
         self.get_at(sealed, Instant::now())
     }
 
@@ -189,7 +189,7 @@ impl OpenedCache {
         }
     }
 
-    fn put(&self, sealed: &str, session: &Session) {
+    pub(crate) fn put(&self, sealed: &str, session: &Session) {
         self.put_at(sealed, session, Instant::now());
     }
 
@@ -202,7 +202,7 @@ impl OpenedCache {
 
     /// An ended session is not kept: every value it was sealed to (each touch or refresh made
     /// one) is dropped. Logouts are rare; the scan is over at most [`OPENED_MAX`] entries.
-    fn forget(&self, sid: &str) {
+    pub(crate) fn forget(&self, sid: &str) {
         if let Ok(mut guard) = self.gens.lock() {
             let g = &mut *guard;
             let mut freed = 0;

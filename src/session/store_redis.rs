@@ -24,8 +24,8 @@ use tokio::sync::RwLock;
 
 use super::refresh::{grant, grant_for, RefreshError};
 use super::seal::Sealer;
-use super::store::Downscoped;
 use super::store::StoreError;
+use super::store::{Downscoped, OpenedCache};
 use super::tokens::Session;
 use crate::idp::{Idp, IdpError, TokenTarget};
 
@@ -65,6 +65,10 @@ pub struct RedisStore {
     target: Target,
     conn: RwLock<Option<Conn>>,
     sealer: Sealer,
+    /// Sessions already opened, by their sealed value as stored: every call still reads the
+    /// session from Redis (one round trip: a session deleted or changed by another replica is
+    /// seen at once), but the same stored bytes are decrypted and parsed only once.
+    opened: OpenedCache,
     cas: Script,
     release: Script,
 }
@@ -186,6 +190,7 @@ impl RedisStore {
             target,
             conn: RwLock::new(None),
             sealer,
+            opened: OpenedCache::default(),
             cas: Script::new(CAS),
             release: Script::new(RELEASE),
         }))
@@ -282,11 +287,18 @@ impl RedisStore {
         let (Some(generation), Some(data)) = (generation, data) else {
             return Ok(None);
         };
-        let Some(plain) = self.sealer.open(key.as_bytes(), &data) else {
-            return Ok(None);
-        };
-        let Ok(mut s) = serde_json::from_slice::<Session>(&plain) else {
-            return Ok(None);
+        let mut s = match self.opened.get(&data) {
+            Some(s) => s,
+            None => {
+                let Some(plain) = self.sealer.open(key.as_bytes(), &data) else {
+                    return Ok(None);
+                };
+                let Ok(s) = serde_json::from_slice::<Session>(&plain) else {
+                    return Ok(None);
+                };
+                self.opened.put(&data, &s);
+                s
+            }
         };
         if s.id != sid {
             return Ok(None);
@@ -354,6 +366,7 @@ impl RedisStore {
     }
 
     pub async fn delete(&self, session: &Session) -> Result<(), StoreError> {
+        self.opened.forget(&session.id);
         self.query::<i64>(redis::cmd("DEL").arg(session_key(&session.id)))
             .await?;
         for idx in index_keys(session) {
