@@ -448,7 +448,9 @@ if [ "${HOLD:-0}" = 1 ]; then
       fi
     } >"$WORK/hold.env.new"
     mv "$WORK/hold.env.new" "$WORK/hold.env"
-    sleep 50
+    # in the background: a signal ends `wait` at once (a foreground sleep would delay the trap)
+    sleep 50 &
+    wait $!
   done
 fi
 
