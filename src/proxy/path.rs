@@ -13,13 +13,16 @@ pub fn is_clean(path: &str) -> bool {
     {
         return false;
     }
-    let lower = path.to_ascii_lowercase();
-    // %2e = '.', %2f = '/', %5c = '\', %00 = NUL, %25 = '%' (double encoding)
-    if ["%2e", "%2f", "%5c", "%00", "%25"]
-        .iter()
-        .any(|e| lower.contains(e))
-    {
-        return false;
+    // %2e = '.', %2f = '/', %5c = '\', %00 = NUL, %25 = '%' (double encoding); checked only when
+    // there is a '%' at all (most API paths have none: no lower-cased copy per request).
+    if path.contains('%') {
+        let lower = path.to_ascii_lowercase();
+        if ["%2e", "%2f", "%5c", "%00", "%25"]
+            .iter()
+            .any(|e| lower.contains(e))
+        {
+            return false;
+        }
     }
     let segments: Vec<&str> = path[1..].split('/').collect();
     let last = segments.len().saturating_sub(1);

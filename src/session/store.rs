@@ -90,10 +90,33 @@ pub(crate) struct OpenedCache {
     gens: Mutex<Generations>,
 }
 
+/// Keyed by [`OpenedCache::key`], already a keyed SipHash of the value: hashed once, not twice.
+type OpenedMap = HashMap<u64, (Box<str>, Session), std::hash::BuildHasherDefault<KeyIsHash>>;
+
+/// The hasher of [`OpenedMap`]: the key is itself a hash with a secret key, so it is used as is
+/// (no flooding a bucket without knowing the secret).
+#[derive(Default)]
+struct KeyIsHash(u64);
+
+impl std::hash::Hasher for KeyIsHash {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used (u64 keys); fold anything else in, just in case.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
 #[derive(Default)]
 struct Generations {
-    current: HashMap<u64, (Box<str>, Session)>,
-    previous: HashMap<u64, (Box<str>, Session)>,
+    current: OpenedMap,
+    previous: OpenedMap,
     /// Estimated bytes held by `current`.
     current_bytes: usize,
     started: Option<Instant>,
