@@ -2,7 +2,6 @@
 //! a pending transaction (single use), the `iss` parameter (RFC 9207), redeems the code with the
 //! PKCE verifier, validates the ID token, and creates the session.
 
-use crate::session::cookie::RequestCookies;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use http::{header, HeaderValue, StatusCode};
@@ -12,6 +11,7 @@ use super::login::{is_token_shaped, random_token, LoginTx};
 use super::QueryParams;
 use crate::error::ApiError;
 use crate::idp::IdpError;
+use crate::session::cookie::RequestCookies;
 use crate::session::tokens::{now_s, Session};
 use crate::state::AppState;
 

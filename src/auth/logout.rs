@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use crate::session::cookie::RequestCookies;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -12,6 +11,7 @@ use http::{header, HeaderMap, HeaderValue};
 
 use crate::error::ApiError;
 use crate::idp::IdpError;
+use crate::session::cookie::RequestCookies;
 use crate::session::extract::{check_csrf, optional_session};
 use crate::state::AppState;
 

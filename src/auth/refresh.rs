@@ -1,13 +1,13 @@
 //! `POST /refreshtoken`: refreshes the access token now (RFC 6749 §6) and tells the SPA how long
 //! it lasts. CSRF-checked first, then the session.
 
-use crate::session::cookie::RequestCookies;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::{header, HeaderMap, HeaderValue};
 
 use crate::error::ApiError;
+use crate::session::cookie::RequestCookies;
 use crate::session::extract::{check_csrf, force_refresh, require_session};
 use crate::session::tokens::now_s;
 use crate::state::AppState;

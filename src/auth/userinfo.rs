@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::session::cookie::RequestCookies;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -14,6 +13,7 @@ use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 use crate::idp::id_token::unverified_claims;
+use crate::session::cookie::RequestCookies;
 use crate::session::extract::{ensure_fresh, require_session};
 use crate::session::tokens::now_s;
 use crate::state::AppState;
