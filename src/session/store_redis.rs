@@ -24,8 +24,7 @@ use tokio::sync::RwLock;
 
 use super::refresh::{grant, grant_for, RefreshError};
 use super::seal::Sealer;
-use super::store::StoreError;
-use super::store::{Downscoped, OpenedCache};
+use super::store::{Downscoped, OpenedCache, StoreError};
 use super::tokens::Session;
 use crate::idp::{Idp, IdpError, TokenTarget};
 
