@@ -16,6 +16,7 @@
 #
 # Needs what bench/run.sh needs, plus valgrind (apt-get install -y valgrind).
 # Knobs: N1=100 N2=1100 SKIP_BUILD=0 OUT=bench/results/instructions.md BIN=target/release/tokengate
+#        KEEP=DIR (keep the callgrind outputs there, for callgrind_annotate --inclusive=yes)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -93,6 +94,7 @@ count() {
   kill -TERM "$VG_PID"
   wait "$VG_PID" || true
   VG_PID=
+  if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$out" "$KEEP/"; fi
   callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ && !done {gsub(",", "", $1); print $1; done = 1}'
 }
 

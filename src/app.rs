@@ -8,12 +8,14 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use http::{header, HeaderValue, StatusCode};
 use tower_cookies::CookieManagerLayer;
+use tracing::Instrument;
 
 use crate::auth::{backchannel, callback, login, logout, refresh, userinfo};
 use crate::error::json_error;
 use crate::proxy::forward;
 use crate::session::tokens::now_s;
 use crate::state::AppState;
+use crate::telemetry::RequestLog;
 
 pub fn app(state: AppState) -> Router {
     let redirect_path = state.config.oauth.redirect_path.clone();
@@ -32,18 +34,11 @@ pub fn app(state: AppState) -> Router {
     router
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(forward::fallback)
-        // Layers run outside-in for requests: log + metrics (request id, one line) → header
-        // size limit and no-store on any cookie change (one layer: each layer costs every API
-        // call a boxed future) → cookie jar.
+        // Layers run outside-in for requests: log + metrics (request id, one line), header size
+        // limit and no-store on any cookie change (one layer: each layer costs every API call a
+        // clone of the service and a boxed future) → cookie jar.
         .layer(CookieManagerLayer::new())
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            header_limit_and_no_store,
-        ))
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            crate::telemetry::request_log,
-        ))
+        .layer(middleware::from_fn_with_state(state.clone(), every_request))
         .with_state(state)
 }
 
@@ -94,30 +89,30 @@ async fn method_not_allowed() -> Response {
     )
 }
 
-/// Request headers beyond `server.max_header_bytes` → 431 with a JSON body; and any response
-/// that sets or clears a cookie must not be stored by a shared cache.
-async fn header_limit_and_no_store(
-    State(state): State<AppState>,
-    req: Request,
-    next: Next,
-) -> Response {
+/// Around every request: the request log and metrics; request headers beyond
+/// `server.max_header_bytes` → 431 with a JSON body; and any response that sets or clears a
+/// cookie must not be stored by a shared cache.
+async fn every_request(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let log = RequestLog::begin(&state, &mut req);
     let size: usize = req
         .headers()
         .iter()
         .map(|(k, v)| k.as_str().len() + v.len() + 4)
         .sum();
-    if size > state.config.server.max_header_bytes {
-        return json_error(
+    let mut resp = if size > state.config.server.max_header_bytes {
+        json_error(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "invalid_request",
             "request headers too large",
-        );
-    }
-    let mut resp = next.run(req).await;
+        )
+    } else {
+        next.run(req).instrument(log.span()).await
+    };
     if resp.headers().contains_key(header::SET_COOKIE) {
         resp.headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
+    log.finish(&state, &mut resp);
     resp
 }
 

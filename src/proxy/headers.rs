@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-use crate::session::cookie::CookieRules;
+use crate::session::cookie::{cookie_pieces, CookieRules};
 
 /// Identity headers that some auth proxies set for their upstreams: a browser must never be able
 /// to supply them, so they are dropped on the way in.
@@ -72,55 +72,29 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Removes tokengate's cookies from `Cookie`, keeping the SPA's others in their order.
 pub fn strip_our_cookies(headers: &mut HeaderMap, rules: &CookieRules) {
-    let values: Vec<HeaderValue> = headers.get_all(header::COOKIE).iter().cloned().collect();
-    if values.is_empty() {
-        return;
-    }
     let mut kept: Vec<&[u8]> = Vec::new();
-    for v in &values {
-        // A session cookie is kilobytes long: split text with `str`'s fast search, and only
-        // non-UTF-8 values byte by byte.
-        match std::str::from_utf8(v.as_bytes()) {
-            Ok(text) => text
-                .split(';')
-                .for_each(|p| keep_unless_ours(p.as_bytes(), rules, &mut kept)),
-            Err(_) => v
-                .as_bytes()
-                .split(|&b| b == b';')
-                .for_each(|p| keep_unless_ours(p, rules, &mut kept)),
+    let mut any = false;
+    for v in headers.get_all(header::COOKIE) {
+        any = true;
+        for piece in cookie_pieces(v.as_bytes()) {
+            let piece = piece.trim_ascii();
+            if piece.is_empty() {
+                continue;
+            }
+            let name = memchr::memchr(b'=', piece).map_or(piece, |eq| piece[..eq].trim_ascii());
+            if !std::str::from_utf8(name).is_ok_and(|n| rules.is_ours(n)) {
+                kept.push(piece);
+            }
         }
     }
-    headers.remove(header::COOKIE);
-    if !kept.is_empty() {
-        if let Ok(v) = HeaderValue::from_bytes(&kept.join(&b"; "[..])) {
-            headers.insert(header::COOKIE, v);
-        }
-    }
-}
-
-/// Adds one `name=value` pair of a `Cookie` header to `kept` unless it is empty or ours.
-fn keep_unless_ours<'a>(pair: &'a [u8], rules: &CookieRules, kept: &mut Vec<&'a [u8]>) {
-    let trimmed = trim_ascii(pair);
-    if trimmed.is_empty() {
+    if !any {
         return;
     }
-    let name = trimmed.split(|&b| b == b'=').next().unwrap_or(b"");
-    let ours = std::str::from_utf8(trim_ascii(name)).is_ok_and(|n| rules.is_ours(n));
-    if !ours {
-        kept.push(trimmed);
+    let joined = (!kept.is_empty()).then(|| kept.join(&b"; "[..]));
+    headers.remove(header::COOKIE);
+    if let Some(Ok(v)) = joined.map(HeaderValue::try_from) {
+        headers.insert(header::COOKIE, v);
     }
-}
-
-fn trim_ascii(b: &[u8]) -> &[u8] {
-    let start = b
-        .iter()
-        .position(|c| !c.is_ascii_whitespace())
-        .unwrap_or(b.len());
-    let end = b
-        .iter()
-        .rposition(|c| !c.is_ascii_whitespace())
-        .map_or(start, |e| e + 1);
-    &b[start..end]
 }
 
 /// Identity-header families (prefixes, after `_` → `-`) that auth proxies use.
@@ -155,7 +129,11 @@ pub fn set_authorization(headers: &mut HeaderMap, access_token: &str, dpop_proof
     } else {
         "Bearer"
     };
-    if let Ok(mut v) = HeaderValue::from_str(&format!("{scheme} {access_token}")) {
+    let mut value = Vec::with_capacity(scheme.len() + 1 + access_token.len());
+    value.extend_from_slice(scheme.as_bytes());
+    value.push(b' ');
+    value.extend_from_slice(access_token.as_bytes());
+    if let Ok(mut v) = HeaderValue::try_from(value) {
         v.set_sensitive(true);
         headers.insert(header::AUTHORIZATION, v);
     }
@@ -215,21 +193,47 @@ pub fn set_forwarded(
         headers.remove(header::FORWARDED);
     }
     headers.remove(&X_FORWARDED_FOR);
-    let xff = if prior_xff.is_empty() {
-        peer.to_string()
-    } else {
-        format!("{prior_xff}, {peer}")
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    let mut xff = prior_xff;
+    if !xff.is_empty() {
+        xff.push_str(", ");
+    }
+    push_ip(&mut xff, peer);
+    if let Ok(v) = HeaderValue::try_from(xff) {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     if !keep_proto_host {
-        headers.insert(
-            X_FORWARDED_PROTO.clone(),
-            HeaderValue::from_str(proto).unwrap_or(HeaderValue::from_static("http")),
-        );
+        let proto = match proto {
+            "https" => HeaderValue::from_static("https"),
+            "http" => HeaderValue::from_static("http"),
+            other => HeaderValue::from_str(other).unwrap_or(HeaderValue::from_static("http")),
+        };
+        headers.insert(X_FORWARDED_PROTO.clone(), proto);
         if let Ok(v) = HeaderValue::from_str(host) {
             headers.insert(X_FORWARDED_HOST.clone(), v);
+        }
+    }
+}
+
+/// Appends `ip` as text; IPv4 (the common peer) without going through `fmt`.
+fn push_ip(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                if octet >= 100 {
+                    out.push(char::from(b'0' + octet / 100));
+                }
+                if octet >= 10 {
+                    out.push(char::from(b'0' + octet / 10 % 10));
+                }
+                out.push(char::from(b'0' + octet % 10));
+            }
+        }
+        IpAddr::V6(v6) => {
+            use std::fmt::Write;
+            let _ = write!(out, "{v6}");
         }
     }
 }
@@ -244,7 +248,7 @@ pub fn strip_our_set_cookies(headers: &mut HeaderMap, rules: &CookieRules) {
                 .as_bytes()
                 .split(|&b| b == b'=')
                 .next()
-                .map(trim_ascii)
+                .map(<[u8]>::trim_ascii)
                 .unwrap_or(b"");
             !std::str::from_utf8(name).is_ok_and(|n| rules.is_ours(n))
         })
@@ -404,6 +408,27 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "app.example.com");
+    }
+
+    #[test]
+    fn peer_addresses_are_written_as_text() {
+        for ip in [
+            "0.0.0.0",
+            "9.10.99.100",
+            "127.0.0.1",
+            "255.254.200.101",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+            "::ffff:10.0.0.1",
+        ] {
+            let mut h = HeaderMap::new();
+            set_forwarded(&mut h, ip.parse().expect("ip"), false, "https", "app");
+            assert_eq!(
+                h["x-forwarded-for"],
+                ip.parse::<IpAddr>().expect("ip").to_string()
+            );
+            assert_eq!(h["x-forwarded-proto"], "https");
+        }
     }
 
     #[test]

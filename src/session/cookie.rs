@@ -226,18 +226,14 @@ impl RequestCookies {
         }
     }
 
-    /// (name, value) of every cookie sent, in order; header values that are not UTF-8 and
-    /// pairs without `=` or without a name are skipped, as the jar does.
+    /// (name, value) of every cookie sent, in order; pairs without `=` or without a name, and
+    /// pairs that are not UTF-8, are skipped.
     fn pairs(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.sent
-            .iter()
-            .filter_map(|v| std::str::from_utf8(v.as_bytes()).ok())
-            .flat_map(|v| v.split(';'))
-            .filter_map(|pair| {
-                let (n, v) = pair.split_once('=')?;
-                let n = n.trim();
-                (!n.is_empty()).then(|| (n, v.trim()))
+        self.sent.iter().flat_map(|v| {
+            cookie_pairs(v.as_bytes()).filter_map(|(n, v)| {
+                Some((std::str::from_utf8(n).ok()?, std::str::from_utf8(v).ok()?))
             })
+        })
     }
 
     /// What a browser holding `jar`'s cookies sends back: one `Cookie` header (tests and fuzzing
@@ -256,13 +252,44 @@ impl RequestCookies {
         Self::new(&headers, Cookies::default())
     }
 
-    /// The value of the last cookie named `name` that the browser sent.
+    /// The value of the last cookie named `name` that the browser sent (only its value is
+    /// checked for UTF-8: a session cookie is kilobytes long, the others need no check).
     pub fn sent(&self, name: &str) -> Option<&str> {
-        self.pairs()
-            .filter(|(n, _)| *n == name)
+        self.sent
+            .iter()
+            .flat_map(|v| cookie_pairs(v.as_bytes()))
+            .filter(|(n, _)| *n == name.as_bytes())
             .last()
-            .map(|(_, v)| v)
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
     }
+}
+
+/// The `name=value` pairs of one `Cookie` header value: split at `;` (with `memchr`: a session
+/// cookie is kilobytes long), trimmed; pieces without `=` or without a name are skipped.
+pub fn cookie_pairs(value: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    cookie_pieces(value).filter_map(|piece| {
+        let eq = memchr::memchr(b'=', piece)?;
+        let name = piece[..eq].trim_ascii();
+        (!name.is_empty()).then(|| (name, piece[eq + 1..].trim_ascii()))
+    })
+}
+
+/// The `;`-separated pieces of one `Cookie` header value, as sent (not trimmed).
+pub fn cookie_pieces(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = Some(value);
+    std::iter::from_fn(move || {
+        let r = rest?;
+        match memchr::memchr(b';', r) {
+            Some(i) => {
+                rest = Some(&r[i + 1..]);
+                Some(&r[..i])
+            }
+            None => {
+                rest = None;
+                Some(r)
+            }
+        }
+    })
 }
 
 /// Writes go to the jar.
