@@ -13,7 +13,7 @@ use tower::ServiceExt;
 
 use super::headers;
 use super::path::is_clean;
-use super::upstream::upstream_uri;
+use super::upstream::{origin_form, upstream_url, UpstreamBody};
 use crate::config::{RouteConfig, RouteToken};
 use crate::error::ApiError;
 use crate::session::cookie::RequestCookies;
@@ -105,7 +105,7 @@ async fn proxy(
     } else {
         body
     };
-    let uri = upstream_uri(route, parts.uri.path(), parts.uri.query()).map_err(|e| {
+    let uri = origin_form(route, parts.uri.path(), parts.uri.query()).map_err(|e| {
         ApiError::invalid_request("the request URI cannot be forwarded").with_cause(e)
     })?;
     let h = &mut parts.headers;
@@ -114,7 +114,7 @@ async fn proxy(
     headers::strip_our_cookies(h, state.store.rules());
     match &token {
         Some(t) => {
-            let proof = dpop.and_then(|d| dpop_proof(d, &parts.method, &uri, t.secret()));
+            let proof = dpop.and_then(|d| dpop_proof(d, &parts.method, route, &uri, t.secret()));
             headers::set_authorization(h, t.secret(), proof.as_deref());
         }
         None => headers::strip_credentials(h),
@@ -151,7 +151,7 @@ async fn proxy(
             && crate::idp::dpop::asks_for_nonce(resp.headers())
         {
             if let Some((method, uri, mut h)) = again {
-                if let Some(p) = dpop_proof(d, &method, &uri, t.secret()) {
+                if let Some(p) = dpop_proof(d, &method, route, &uri, t.secret()) {
                     if let Ok(mut v) = HeaderValue::from_str(&p) {
                         v.set_sensitive(true);
                         h.insert(headers::DPOP, v);
@@ -181,14 +181,16 @@ async fn proxy(
     Ok(Response::from_parts(parts, Body::new(body)))
 }
 
-/// A DPoP proof for a request to `uri` carrying `token`, with the API's latest nonce.
+/// A DPoP proof for a request to `target` of `route` carrying `token`, with the API's latest
+/// nonce.
 fn dpop_proof(
     d: &crate::idp::dpop::Dpop,
     method: &http::Method,
-    uri: &http::Uri,
+    route: &RouteConfig,
+    target: &http::Uri,
     token: &str,
 ) -> Option<String> {
-    let url = url::Url::parse(&uri.to_string()).ok()?;
+    let url = url::Url::parse(&upstream_url(route, target)).ok()?;
     let origin = url.origin().ascii_serialization();
     Some(d.proof(method.as_str(), &url, Some(token), &origin))
 }
@@ -198,12 +200,8 @@ async fn send(
     state: &AppState,
     route: &RouteConfig,
     upstream_req: http::Request<Body>,
-) -> Result<http::Response<hyper::body::Incoming>, ApiError> {
-    let client = state
-        .upstreams
-        .client()
-        .map_err(|e| ApiError::internal(e.context("no upstream client")))?;
-    let sent = tokio::time::timeout(route.timeout, client.request(upstream_req)).await;
+) -> Result<http::Response<UpstreamBody>, ApiError> {
+    let sent = tokio::time::timeout(route.timeout, state.upstreams.send(route, upstream_req)).await;
     match sent {
         Err(_) => {
             state.metrics.upstream_error(&route.prefix, "timeout");

@@ -430,3 +430,104 @@ async fn refreshed_session_cookie_is_sent_back_with_the_proxied_answer() {
         );
     }
 }
+
+/// A bare HTTP/1.1 API on a raw socket: counts the connections it accepts and answers each
+/// request `200 {"n":N}` (keep-alive); with `close_idle_after`, it closes a connection that has
+/// been idle that long (as APIs do with their keep-alive timeout).
+struct CountingApi {
+    url: String,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CountingApi {
+    async fn start(close_idle_after: Option<Duration>) -> CountingApi {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let read = match close_idle_after {
+                            Some(idle) if buf.is_empty() => {
+                                match tokio::time::timeout(idle, sock.read(&mut chunk)).await {
+                                    Ok(r) => r,
+                                    Err(_) => return, // idle too long: close
+                                }
+                            }
+                            _ => sock.read(&mut chunk).await,
+                        };
+                        let Ok(got) = read else { return };
+                        if got == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..got]);
+                        // GET requests only: a request ends at its blank line.
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            let body = format!("{{\"n\":{n}}}");
+                            let resp = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                                body.len()
+                            );
+                            if sock.write_all(resp.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        CountingApi { url, accepted }
+    }
+
+    fn connections(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test]
+async fn api_calls_reuse_the_upstream_connection() {
+    let api = CountingApi::start(None).await;
+    let app = spawn_app_with(AppOptions::default().toml(&format!(
+        "[[routes]]\nprefix = \"/counted\"\nupstream = \"{}\"\n",
+        api.url
+    )))
+    .await;
+    app.login().await;
+    for _ in 0..20 {
+        let resp = app.get_api("/counted/x").await;
+        assert_eq!(resp.status(), 200);
+        let body: Value = resp.json().await.expect("json");
+        assert_eq!(body["n"], 1, "every call on the first connection");
+    }
+    assert_eq!(api.connections(), 1);
+}
+
+#[tokio::test]
+async fn an_upstream_that_closed_its_idle_connection_gets_a_new_one() {
+    let api = CountingApi::start(Some(Duration::from_millis(100))).await;
+    let app = spawn_app_with(AppOptions::default().toml(&format!(
+        "[[routes]]\nprefix = \"/counted\"\nupstream = \"{}\"\n",
+        api.url
+    )))
+    .await;
+    app.login().await;
+    for i in 1..=3 {
+        let resp = app.get_api("/counted/x").await;
+        assert_eq!(resp.status(), 200, "call {i}");
+        let body: Value = resp.json().await.expect("json");
+        assert_eq!(body["n"], i, "call {i} on a new connection");
+        // Longer than the API keeps an idle connection open.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert_eq!(api.connections(), 3);
+}
