@@ -58,7 +58,11 @@ pub struct SessionStore {
     absolute: Duration,
     idle: Duration,
     metrics: Arc<Metrics>,
+    /// Cookie store: sessions by their sealed cookie value.
     opened: Arc<OpenedCache>,
+    /// Redis store: session ids by their sealed cookie value (opening it is a third of a
+    /// Redis-store call's own work; the session itself is still read from Redis every time).
+    opened_ids: Arc<OpenedCache<Arc<str>>>,
     /// Cookie store: refresh-token rotations seen by this process.
     rotations: Arc<Rotations>,
 }
@@ -85,13 +89,44 @@ pub struct Downscoped {
 /// while its session is in use and at most two periods after, and the memory held follows the
 /// sessions active in the last few minutes, never more than [`OPENED_MAX`] entries and
 /// [`OPENED_MAX_BYTES`].
-#[derive(Default)]
-pub(crate) struct OpenedCache {
-    gens: Mutex<Generations>,
+pub(crate) struct OpenedCache<V = Session> {
+    gens: Mutex<Generations<V>>,
+}
+
+impl<V> Default for OpenedCache<V> {
+    fn default() -> Self {
+        Self {
+            gens: Mutex::new(Generations {
+                current: HashMap::default(),
+                previous: HashMap::default(),
+                current_bytes: 0,
+                started: None,
+            }),
+        }
+    }
+}
+
+/// What an opened sealed value is: a session (cookie store; Redis store, by its stored value),
+/// or a session id (the Redis store's session cookie).
+pub(crate) trait Opened: Clone {
+    /// The session it belongs to, for [`OpenedCache::forget`].
+    fn session_id(&self) -> &str;
+}
+
+impl Opened for Session {
+    fn session_id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Opened for Arc<str> {
+    fn session_id(&self) -> &str {
+        self
+    }
 }
 
 /// Keyed by [`OpenedCache::key`], already a keyed SipHash of the value: hashed once, not twice.
-type OpenedMap = HashMap<u64, (Box<str>, Session), std::hash::BuildHasherDefault<KeyIsHash>>;
+type OpenedMap<V> = HashMap<u64, (Box<str>, V), std::hash::BuildHasherDefault<KeyIsHash>>;
 
 /// The hasher of [`OpenedMap`]: the key is itself a hash with a secret key, so it is used as is
 /// (no flooding a bucket without knowing the secret).
@@ -113,16 +148,15 @@ impl std::hash::Hasher for KeyIsHash {
     }
 }
 
-#[derive(Default)]
-struct Generations {
-    current: OpenedMap,
-    previous: OpenedMap,
+struct Generations<V> {
+    current: OpenedMap<V>,
+    previous: OpenedMap<V>,
     /// Estimated bytes held by `current`.
     current_bytes: usize,
     started: Option<Instant>,
 }
 
-impl std::fmt::Debug for OpenedCache {
+impl<V> std::fmt::Debug for OpenedCache<V> {
     // Entries hold cookie values: never printed.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let n = self.gens.lock().map_or(0, |g| g.len());
@@ -137,15 +171,15 @@ const OPENED_MAX_BYTES: usize = 4 << 20;
 /// How long a generation lasts.
 const OPENED_PERIOD: Duration = Duration::from_secs(120);
 
-impl Generations {
+/// An entry's estimated bytes: the sealed value plus what it opens to (which is smaller than
+/// the value's base64 ciphertext), plus the map's own overhead.
+fn entry_cost(sealed: &str) -> usize {
+    2 * sealed.len() + 128
+}
+
+impl<V> Generations<V> {
     fn len(&self) -> usize {
         self.current.len() + self.previous.len()
-    }
-
-    /// The sealed value plus the session it opens to (which is smaller than the value's
-    /// base64 ciphertext), plus the map's own overhead.
-    fn cost(sealed: &str) -> usize {
-        2 * sealed.len() + 128
     }
 
     fn rotate(&mut self, now: Instant) {
@@ -162,20 +196,20 @@ impl Generations {
         }
     }
 
-    fn insert(&mut self, k: u64, sealed: Box<str>, session: Session, now: Instant) {
-        let cost = Self::cost(&sealed);
+    fn insert(&mut self, k: u64, sealed: Box<str>, session: V, now: Instant) {
+        let cost = entry_cost(&sealed);
         if self.current.len() >= OPENED_MAX / 2 || self.current_bytes + cost > OPENED_MAX_BYTES / 2
         {
             self.rotate(now);
         }
         if let Some((old, _)) = self.current.insert(k, (sealed, session)) {
-            self.current_bytes = self.current_bytes.saturating_sub(Self::cost(&old));
+            self.current_bytes = self.current_bytes.saturating_sub(entry_cost(&old));
         }
         self.current_bytes += cost;
     }
 }
 
-impl OpenedCache {
+impl<V: Opened> OpenedCache<V> {
     /// The sealed value's tail is its AEAD tag (random per seal): enough to find the entry,
     /// which then must match the whole value.
     fn key(sealed: &str) -> u64 {
@@ -186,11 +220,11 @@ impl OpenedCache {
         h.finish()
     }
 
-    pub(crate) fn get(&self, sealed: &str) -> Option<Session> {
+    pub(crate) fn get(&self, sealed: &str) -> Option<V> {
         self.get_at(sealed, Instant::now())
     }
 
-    fn get_at(&self, sealed: &str, now: Instant) -> Option<Session> {
+    fn get_at(&self, sealed: &str, now: Instant) -> Option<V> {
         let mut g = self.gens.lock().ok()?;
         g.rotate_if_due(now);
         let k = Self::key(sealed);
@@ -212,11 +246,11 @@ impl OpenedCache {
         }
     }
 
-    pub(crate) fn put(&self, sealed: &str, session: &Session) {
+    pub(crate) fn put(&self, sealed: &str, session: &V) {
         self.put_at(sealed, session, Instant::now());
     }
 
-    fn put_at(&self, sealed: &str, session: &Session, now: Instant) {
+    fn put_at(&self, sealed: &str, session: &V, now: Instant) {
         if let Ok(mut g) = self.gens.lock() {
             g.rotate_if_due(now);
             g.insert(Self::key(sealed), sealed.into(), session.clone(), now);
@@ -230,14 +264,14 @@ impl OpenedCache {
             let g = &mut *guard;
             let mut freed = 0;
             g.current.retain(|_, (v, s)| {
-                let keep = s.id != sid;
+                let keep = s.session_id() != sid;
                 if !keep {
-                    freed += Generations::cost(v);
+                    freed += entry_cost(v);
                 }
                 keep
             });
             g.current_bytes = g.current_bytes.saturating_sub(freed);
-            g.previous.retain(|_, (_, s)| s.id != sid);
+            g.previous.retain(|_, (_, s)| s.session_id() != sid);
         }
     }
 }
@@ -263,6 +297,7 @@ impl SessionStore {
             idle,
             metrics,
             opened: Arc::default(),
+            opened_ids: Arc::default(),
             rotations: Arc::default(),
         }
     }
@@ -302,9 +337,18 @@ impl SessionStore {
                 Loaded::None
             });
         };
-        if let Backend::Cookie = self.backend {
-            if let Some(s) = self.opened.get(&sealed) {
-                return Ok(Loaded::Some(s));
+        match &self.backend {
+            Backend::Cookie => {
+                if let Some(s) = self.opened.get(&sealed) {
+                    return Ok(Loaded::Some(s));
+                }
+            }
+            Backend::Redis(r) => {
+                if let Some(sid) = self.opened_ids.get(&sealed) {
+                    return Ok(Box::pin(r.get(&sid))
+                        .await?
+                        .map_or(Loaded::Unreadable, Loaded::Some));
+                }
             }
         }
         let Some(plain) = self
@@ -325,6 +369,7 @@ impl SessionStore {
                 let Ok(sid) = std::str::from_utf8(&plain) else {
                     return Ok(Loaded::Unreadable);
                 };
+                self.opened_ids.put(&sealed, &Arc::from(sid));
                 Ok(Box::pin(r.get(sid))
                     .await?
                     .map_or(Loaded::Unreadable, Loaded::Some))
@@ -377,8 +422,11 @@ impl SessionStore {
 
     /// Ends the session: its cookies are cleared and, server-side, it is deleted for every replica.
     pub async fn remove(&self, cookies: &Cookies, session: Option<&Session>) {
-        if let (Backend::Cookie, Some(s)) = (&self.backend, session) {
-            self.opened.forget(&s.id);
+        if let Some(s) = session {
+            match &self.backend {
+                Backend::Cookie => self.opened.forget(&s.id),
+                Backend::Redis(_) => self.opened_ids.forget(&s.id),
+            }
         }
         if let (Backend::Redis(r), Some(s)) = (&self.backend, session) {
             let started = Instant::now();
@@ -495,7 +543,7 @@ mod tests {
         }
         let (n, bytes) = cache.gens.lock().map_or((usize::MAX, usize::MAX), |g| {
             let all = g.current.values().chain(g.previous.values());
-            (g.len(), all.map(|(v, _)| Generations::cost(v)).sum())
+            (g.len(), all.map(|(v, _)| entry_cost(v)).sum())
         });
         assert!(bytes <= OPENED_MAX_BYTES, "{bytes} bytes in {n} entries");
         assert!(n < 200);
@@ -541,6 +589,6 @@ mod tests {
         assert!(cache.get(&a2).is_none());
         assert!(cache.get(&b).is_some(), "another session was forgotten");
         let bytes = cache.gens.lock().map_or(usize::MAX, |g| g.current_bytes);
-        assert_eq!(bytes, Generations::cost(&b));
+        assert_eq!(bytes, entry_cost(&b));
     }
 }
