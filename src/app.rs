@@ -1,13 +1,20 @@
 //! `app(state) -> Router`: tokengate's own endpoints, then everything else (API routes, the SPA)
 //! through one fallback. No I/O here.
 
-use axum::extract::{MatchedPath, Request, State};
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use http::{header, HeaderValue, StatusCode};
-use tower_cookies::CookieManagerLayer;
+use tower::{Service, ServiceExt};
+use tower_cookies::{CookieManager, CookieManagerLayer};
 use tracing::Instrument;
 
 use crate::auth::{backchannel, callback, login, logout, refresh, userinfo};
@@ -16,6 +23,59 @@ use crate::proxy::forward;
 use crate::session::tokens::now_s;
 use crate::state::AppState;
 use crate::telemetry::RequestLog;
+
+/// The whole app as the server calls it: API calls go straight to the proxy, through the same
+/// edge ([`edge`]: log, metrics, header limit, no-store) and cookie jar as every other request but
+/// without the router's matching, boxed middleware and extractors; everything else goes to the
+/// router.
+#[derive(Clone)]
+pub struct App {
+    state: AppState,
+    router: Router,
+}
+
+impl App {
+    pub fn new(state: AppState) -> Self {
+        Self {
+            router: app(state.clone()),
+            state,
+        }
+    }
+
+    /// Answers one request from `peer`.
+    pub fn call(
+        &self,
+        req: http::Request<hyper::body::Incoming>,
+        peer: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = Response> + Send>> {
+        let mut req = req.map(Body::new);
+        if is_api_call(&self.state, req.uri().path()) {
+            let state = self.state.clone();
+            return Box::pin(async move {
+                edge(&state.clone(), req, |req| {
+                    let proxy = tower::service_fn(move |req: Request| {
+                        let state = state.clone();
+                        async move { Ok::<_, Infallible>(forward::api_call(&state, peer, req).await) }
+                    });
+                    let answer = CookieManager::new(proxy).call(req);
+                    async move { answer.await.unwrap_or_else(|never| match never {}) }
+                })
+                .await
+            });
+        }
+        req.extensions_mut().insert(ConnectInfo(peer));
+        let answer = self.router.clone().oneshot(req);
+        Box::pin(async move { answer.await.unwrap_or_else(|never| match never {}) })
+    }
+}
+
+/// True when `path` is under an API route and is not one of tokengate's own endpoints (which
+/// are exact paths, and win over a route whose prefix contains them, as in the router).
+fn is_api_call(state: &AppState, path: &str) -> bool {
+    state.upstreams.route_for(path).is_some()
+        && path != state.config.oauth.redirect_path
+        && !ENDPOINTS.contains(&path)
+}
 
 pub fn app(state: AppState) -> Router {
     let redirect_path = state.config.oauth.redirect_path.clone();
@@ -89,11 +149,20 @@ async fn method_not_allowed() -> Response {
     )
 }
 
+/// The router's edge: see [`edge`].
+async fn every_request(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    edge(&state, req, |req| next.run(req)).await
+}
+
 /// Around every request: the request log and metrics; request headers beyond
 /// `server.max_header_bytes` → 431 with a JSON body; and any response that sets or clears a
 /// cookie must not be stored by a shared cache.
-async fn every_request(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let log = RequestLog::begin(&state, &mut req);
+async fn edge<F, Fut>(state: &AppState, mut req: Request, inner: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
+    let log = RequestLog::begin(state, &mut req);
     let size: usize = req
         .headers()
         .iter()
@@ -106,13 +175,13 @@ async fn every_request(State(state): State<AppState>, mut req: Request, next: Ne
             "request headers too large",
         )
     } else {
-        next.run(req).instrument(log.span()).await
+        inner(req).instrument(log.span()).await
     };
     if resp.headers().contains_key(header::SET_COOKIE) {
         resp.headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
-    log.finish(&state, &mut resp);
+    log.finish(state, &mut resp);
     resp
 }
 

@@ -95,7 +95,7 @@ impl Prepared {
     ) -> impl Future<Output = anyhow::Result<()>> {
         server::run(
             listener,
-            app::app(self.state.clone()),
+            app::App::new(self.state.clone()),
             self.limits.clone(),
             Arc::clone(&self.state.lifecycle),
             shutdown,

@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ConnectInfo;
 use axum::Router;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -17,7 +16,8 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tower::ServiceExt;
+
+use crate::app::App;
 
 /// Limits applied per connection.
 #[derive(Debug, Clone)]
@@ -67,7 +67,7 @@ impl Drop for InFlight {
 /// `shutdown_delay`), then it stops accepting and lets open connections finish.
 pub async fn run(
     listener: TcpListener,
-    router: Router,
+    app: App,
     limits: Limits,
     lifecycle: Arc<Lifecycle>,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -113,16 +113,15 @@ pub async fn run(
             tokio::spawn(refuse(stream));
             continue;
         };
-        let app = router.clone();
+        let app = app.clone();
         let life = Arc::clone(&lifecycle);
-        let svc = tower::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-            req.extensions_mut().insert(ConnectInfo(peer));
+        let svc = tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let guard = InFlight::new(&life);
-            let call = app.clone().oneshot(req.map(axum::body::Body::new));
+            let call = app.call(req, peer);
             async move {
                 let resp = call.await;
                 drop(guard);
-                resp
+                Ok::<_, std::convert::Infallible>(resp)
             }
         });
         let io = SharedStream::new(stream);

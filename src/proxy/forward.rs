@@ -41,6 +41,30 @@ pub async fn fallback(
     }
 }
 
+/// An API call straight from the server ([`crate::app::App`]): no router, the cookie jar is in
+/// the request's extensions (the cookie manager put it there).
+pub async fn api_call(state: &AppState, peer: SocketAddr, req: Request) -> Response {
+    let jar = req
+        .extensions()
+        .get::<tower_cookies::Cookies>()
+        .cloned()
+        .unwrap_or_default();
+    let cookies = RequestCookies::new(req.headers(), jar);
+    let path = req.uri().path();
+    if !is_clean(path) {
+        return ApiError::invalid_request("the request path is not allowed").into_response();
+    }
+    match state.upstreams.route_for(path) {
+        // Boxed: the proxy's future is kilobytes; inline, every layer above would carry and
+        // move it again.
+        Some(route) => match Box::pin(proxy(state, route, peer, &cookies, req)).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        },
+        None => ApiError::not_found().into_response(),
+    }
+}
+
 async fn proxy(
     state: &AppState,
     route: &RouteConfig,

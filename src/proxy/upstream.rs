@@ -139,7 +139,9 @@ impl Upstreams {
         loop {
             let (mut conn, reused) = match take(pool) {
                 Some(c) => (c, true),
-                None => (self.connect(target).await?, false),
+                // Boxed: connecting (TCP, maybe TLS) makes a large future, and it is rare; inline,
+                // every call's future would carry (and move) it.
+                None => (Box::pin(self.connect(target)).await?, false),
             };
             if let Err(e) = conn.ready().await {
                 if reused {
