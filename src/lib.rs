@@ -167,6 +167,7 @@ pub fn serve_on_threads(
                             .enable_all()
                             .build()?;
                         rt.block_on(async move {
+                            tokio::spawn(keep_a_timer_due_soon());
                             let l = tokio::net::TcpListener::from_std(l)?;
                             p.serve_one(l, async move {
                                 let _ = rx.wait_for(|s| *s).await;
@@ -193,6 +194,21 @@ pub fn serve_on_threads(
         background.stop().await;
         result
     })
+}
+
+/// Keeps a timer due within the next half second on this worker's runtime, for ever.
+///
+/// Every request arms timers (the header-read timeout, the route's timeout). Tokio's timer
+/// wakes its own event loop through an `eventfd` write whenever a new timer is due before the
+/// earliest one it knew of when it last went to sleep, and with nothing else pending that is
+/// most new timers: measured, 0.4 `eventfd` writes (and as many extra `epoll_wait` returns)
+/// per proxied call. With this one always due sooner, request timers never are.
+async fn keep_a_timer_due_soon() {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+    }
 }
 
 /// A fresh random session key, base64 (what `tokengate keygen` prints).
