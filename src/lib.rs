@@ -88,9 +88,11 @@ impl Prepared {
         })
     }
 
+    /// Serves on `listener` (as one of the binary's workers, with its side of the spread).
     fn serve_one(
         &self,
         listener: tokio::net::TcpListener,
+        worker: Option<server::Worker>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> impl Future<Output = anyhow::Result<()>> {
         server::run(
@@ -98,6 +100,7 @@ impl Prepared {
             app::App::new(self.state.clone()),
             self.limits.clone(),
             Arc::clone(&self.state.lifecycle),
+            worker,
             shutdown,
         )
     }
@@ -129,7 +132,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let prepared = Prepared::new(config)?;
     let background = prepared.start_background().await?;
-    let result = prepared.serve_one(listener, shutdown).await;
+    let result = prepared.serve_one(listener, None, shutdown).await;
     background.stop().await;
     result
 }
@@ -154,7 +157,7 @@ pub fn serve_on_threads(
         let background = prepared.start_background().await?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut done = Vec::with_capacity(workers);
-        for i in 0..workers {
+        for (i, worker) in server::Spread::workers(workers).into_iter().enumerate() {
             let l = listener.try_clone()?;
             let p = Arc::clone(&prepared);
             let mut rx = stop_rx.clone();
@@ -169,7 +172,7 @@ pub fn serve_on_threads(
                         rt.block_on(async move {
                             tokio::spawn(keep_a_timer_due_soon());
                             let l = tokio::net::TcpListener::from_std(l)?;
-                            p.serve_one(l, async move {
+                            p.serve_one(l, Some(worker), async move {
                                 let _ = rx.wait_for(|s| *s).await;
                             })
                             .await
