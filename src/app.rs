@@ -1,3 +1,4 @@
+//! `App`: what the server calls for every request. API calls go straight to the proxy; the rest to
 //! `app(state) -> Router`: tokengate's own endpoints, then everything else (API routes, the SPA)
 //! through one fallback. No I/O here.
 
@@ -52,21 +53,23 @@ impl App {
         if is_api_call(&self.state, req.uri().path()) {
             let state = self.state.clone();
             return Box::pin(async move {
-                edge(&state.clone(), req, |req| {
-                    let proxy = tower::service_fn(move |req: Request| {
-                        let state = state.clone();
-                        async move { Ok::<_, Infallible>(forward::api_call(&state, peer, req).await) }
-                    });
-                    let answer = CookieManager::new(proxy).call(req);
-                    async move { answer.await.unwrap_or_else(|never| match never {}) }
-                })
-                .await
+                edge(&state, req, |req| through_jar(state.clone(), peer, req)).await
             });
         }
         req.extensions_mut().insert(ConnectInfo(peer));
         let answer = self.router.clone().oneshot(req);
         Box::pin(async move { answer.await.unwrap_or_else(|never| match never {}) })
     }
+}
+
+/// An API call through tower-cookies' jar (as the router's layer does it) to the proxy.
+fn through_jar(state: AppState, peer: SocketAddr, req: Request) -> impl Future<Output = Response> {
+    let proxy = tower::service_fn(move |req: Request| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(forward::api_call(&state, peer, req).await) }
+    });
+    let answer = CookieManager::new(proxy).call(req);
+    async move { answer.await.unwrap_or_else(|never| match never {}) }
 }
 
 /// True when `path` is under an API route and is not one of tokengate's own endpoints (which
