@@ -28,16 +28,9 @@ pub async fn fallback(
     cookies: RequestCookies,
     req: Request,
 ) -> Response {
-    let path = req.uri().path();
-    if !is_clean(path) {
-        return ApiError::invalid_request("the request path is not allowed").into_response();
-    }
-    match state.upstreams.route_for(path) {
-        Some(route) => match proxy(&state, route, peer, &cookies, req).await {
-            Ok(r) => r,
-            Err(e) => e.into_response(),
-        },
-        None => static_files(&state, req).await,
+    match proxied(&state, peer, &cookies, req).await {
+        Ok(answer) => answer,
+        Err(req) => static_files(&state, req).await,
     }
 }
 
@@ -50,19 +43,34 @@ pub async fn api_call(state: &AppState, peer: SocketAddr, req: Request) -> Respo
         .cloned()
         .unwrap_or_default();
     let cookies = RequestCookies::new(req.headers(), jar);
+    proxied(state, peer, &cookies, req)
+        .await
+        .unwrap_or_else(|_| ApiError::not_found().into_response())
+}
+
+/// The answer to `req` when its path is refused or falls under an API route; otherwise the
+/// request back (it is no API call).
+async fn proxied(
+    state: &AppState,
+    peer: SocketAddr,
+    cookies: &RequestCookies,
+    req: Request,
+) -> Result<Response, Request> {
     let path = req.uri().path();
     if !is_clean(path) {
-        return ApiError::invalid_request("the request path is not allowed").into_response();
+        return Ok(ApiError::invalid_request("the request path is not allowed").into_response());
     }
-    match state.upstreams.route_for(path) {
-        // Boxed: the proxy's future is kilobytes; inline, every layer above would carry and
-        // move it again.
-        Some(route) => match Box::pin(proxy(state, route, peer, &cookies, req)).await {
+    let Some(route) = state.upstreams.route_for(path) else {
+        return Err(req);
+    };
+    // Boxed: the proxy's future is kilobytes; inline, every layer above would carry and move it
+    // again.
+    Ok(
+        match Box::pin(proxy(state, route, peer, cookies, req)).await {
             Ok(r) => r,
             Err(e) => e.into_response(),
         },
-        None => ApiError::not_found().into_response(),
-    }
+    )
 }
 
 async fn proxy(
