@@ -293,10 +293,7 @@ async fn metrics_count_requests_logins_refreshes_and_idp_calls() {
 
 #[tokio::test]
 async fn metrics_can_live_on_their_own_listener() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
+    let port = crate::redis_server::free_ports(1)[0];
     let app = spawn_app_with(
         AppOptions::default().server(&format!("metrics_listen = \"127.0.0.1:{port}\"")),
     )
@@ -374,10 +371,7 @@ async fn request_ids_are_accepted_or_generated_and_echoed() {
 #[tokio::test]
 async fn idp_down_at_start_login_is_503_json_then_service_resumes_when_it_comes_up() {
     // Reserve an address, start tokengate against it while nothing listens there.
-    let addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr")
-    };
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], crate::redis_server::free_ports(1)[0]));
     let issuer = format!("http://{addr}");
     let app = spawn_app_with(AppOptions::default().issuer(&issuer).no_wait()).await;
     let resp = app

@@ -179,9 +179,62 @@ async fn ping_port(port: u16) -> bool {
     )
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
+/// `n` distinct free loopback ports for servers the tests start (or reserve) by number, taken below the kernel's
+/// ephemeral range: a port from `bind(0)` is ephemeral, so between the pick and redis-server's own
+/// bind any outgoing connection of the (busy, parallel) test run could take it as its local port,
+/// and the server would exit at once. Each port is checked by binding it, all are held until every
+/// one is picked; a per-process start and a shared counter keep parallel tests apart.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (low, span) = non_ephemeral_ports();
+    let start = std::process::id().wrapping_mul(2_654_435_761) % span;
+    let mut held = Vec::with_capacity(n);
+    while held.len() < n {
+        let k = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(
+            k < span,
+            "no free loopback port left outside the ephemeral range"
+        );
+        // 7 is coprime with every span used here, so k walks the whole range.
+        let port = u16::try_from(low + (start + k * 7) % span).expect("a port number");
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            held.push(l);
+        }
+    }
+    held.iter()
+        .map(|l| l.local_addr().expect("addr").port())
+        .collect()
+}
+
+/// The first port and the length of a range of ports outside the kernel's ephemeral range.
+fn non_ephemeral_ports() -> (u32, u32) {
+    let range =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut it = range
+        .split_whitespace()
+        .filter_map(|v| v.parse::<u32>().ok());
+    let (lo, hi) = (it.next().unwrap_or(32768), it.next().unwrap_or(60999));
+    if lo >= 12_000 {
+        (lo - 10_000, 9_997)
+    } else {
+        (hi + 1, 65_535 - hi)
+    }
+}
+
+/// Waits until `port` answers PING; false at once when `child` has exited (its port was taken
+/// after all), or after 10 s.
+async fn answers(child: &mut Child, port: u16, tls: Option<&TestCa>) -> bool {
+    for _ in 0..400 {
+        if cli_ping(port, tls).await {
+            return true;
+        }
+        if !matches!(child.try_wait(), Ok(None)) {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    false
 }
 
 impl RedisServer {
@@ -212,7 +265,7 @@ impl RedisServer {
 
     /// `tls`: none, or TLS only with client certificates required (`Some(true)`) or not.
     async fn start_inner(persistent: bool, tls: Option<bool>) -> RedisServer {
-        let port = free_port();
+        let port = free_ports(1)[0];
         let dir =
             std::env::temp_dir().join(format!("tokengate-redis-{}-{port}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
@@ -227,8 +280,14 @@ impl RedisServer {
             persistent,
             tls,
         };
-        s.spawn().await;
-        s
+        for _ in 0..5 {
+            if s.spawn().await {
+                return s;
+            }
+            s.kill();
+            s.port = free_ports(1)[0];
+        }
+        panic!("redis-server did not start (5 ports tried)");
     }
 
     /// `rediss://` for a TLS server.
@@ -262,7 +321,8 @@ impl RedisServer {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    async fn spawn(&mut self) {
+    /// Starts redis-server on `self.port`; whether it answers.
+    async fn spawn(&mut self) -> bool {
         let mut cmd = Command::new("redis-server");
         match &self.tls {
             Some(ca) => ca.server_args(&mut cmd, self.port),
@@ -285,21 +345,12 @@ impl RedisServer {
         } else {
             cmd.args(["--appendonly", "no"]);
         }
-        let child = cmd
+        let mut child = cmd
             .spawn()
             .expect("redis-server runs (scripts/test.sh installs it)");
+        let up = answers(&mut child, self.port, self.tls.as_ref()).await;
         self.child = Some(child);
-        for _ in 0..200 {
-            if self.ping().await {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("redis-server did not start on port {}", self.port);
-    }
-
-    pub async fn ping(&self) -> bool {
-        cli_ping(self.port, self.tls.as_ref()).await
+        up
     }
 
     /// SIGKILL: the server is gone at once.
@@ -321,7 +372,11 @@ impl RedisServer {
     /// Starts again on the same port (and, when persistent, with the same data).
     pub async fn restart(&mut self) {
         self.kill();
-        self.spawn().await;
+        assert!(
+            self.spawn().await,
+            "redis-server did not start again on port {}",
+            self.port
+        );
     }
 }
 
@@ -394,23 +449,38 @@ impl RedisCluster {
     }
 
     async fn start_inner(tls: bool) -> RedisCluster {
-        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let dir = std::env::temp_dir().join(format!(
-            "tokengate-redis-cluster-{}-{}",
-            std::process::id(),
-            ports[0]
-        ));
+        let pid = std::process::id();
+        let first = free_ports(1)[0];
+        let dir = std::env::temp_dir().join(format!("tokengate-redis-cluster-{pid}-{first}"));
         let _ = std::fs::create_dir_all(&dir);
         let tls = tls.then(|| TestCa::generate(&dir));
         let mut cluster = RedisCluster {
-            ports: ports.clone(),
+            ports: Vec::new(),
             children: Vec::new(),
             dir,
             tls,
         };
-        for p in &ports {
+        for _ in 0..5 {
+            if cluster.spawn_nodes().await {
+                return cluster.create().await;
+            }
+            for c in &mut cluster.children {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            cluster.children.clear();
+        }
+        panic!("the cluster nodes did not start (5 sets of ports tried)");
+    }
+
+    /// Three nodes on fresh ports (each with its own bus port); whether all answer.
+    async fn spawn_nodes(&mut self) -> bool {
+        let ports = free_ports(6);
+        let (ports, bus) = ports.split_at(3);
+        self.ports = ports.to_vec();
+        for (p, bus) in ports.iter().zip(bus) {
             let mut cmd = Command::new("redis-server");
-            match &cluster.tls {
+            match &self.tls {
                 Some(ca) => {
                     ca.server_args(&mut cmd, *p);
                     cmd.args(["--tls-cluster", "yes"]);
@@ -423,33 +493,33 @@ impl RedisCluster {
                 .arg("--bind")
                 .arg("127.0.0.1")
                 .arg("--dir")
-                .arg(&cluster.dir)
+                .arg(&self.dir)
                 .arg("--cluster-enabled")
                 .arg("yes")
                 // The bus port defaults to port + 10000, which may not exist for a random port.
                 .arg("--cluster-port")
-                .arg(free_port().to_string())
+                .arg(bus.to_string())
                 .arg("--cluster-config-file")
-                .arg(cluster.dir.join(format!("nodes-{p}.conf")))
+                .arg(self.dir.join(format!("nodes-{p}.conf")))
                 .args(["--save", "", "--appendonly", "no"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("redis-server runs");
-            cluster.children.push(child);
+            self.children.push(child);
         }
-        for p in &ports {
-            let mut up = false;
-            for _ in 0..200 {
-                if cli_ping(*p, cluster.tls.as_ref()).await {
-                    up = true;
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(25)).await;
+        for (i, p) in ports.iter().enumerate() {
+            if !answers(&mut self.children[i], *p, self.tls.as_ref()).await {
+                return false;
             }
-            assert!(up, "cluster node on port {p} did not start");
         }
-        let mut create = cli_command(ports[0], cluster.tls.as_ref());
+        true
+    }
+
+    /// Joins the three running nodes into one cluster and waits for `cluster_state:ok`.
+    async fn create(self) -> RedisCluster {
+        let ports = self.ports.clone();
+        let mut create = cli_command(ports[0], self.tls.as_ref());
         create.arg("--cluster").arg("create");
         for p in &ports {
             create.arg(format!("127.0.0.1:{p}"));
@@ -464,8 +534,8 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stdout)
         );
         for _ in 0..400 {
-            if ports.iter().all(|p| cluster_ok(*p, cluster.tls.as_ref())) {
-                return cluster;
+            if ports.iter().all(|p| cluster_ok(*p, self.tls.as_ref())) {
+                return self;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
