@@ -9,7 +9,7 @@
 #
 # How: bench/run.sh HOLD=1 brings up its stack (upstream nginx, the real IdP, redis-server) and
 # logs in; then, for each store (cookie, redis), tokengate runs under callgrind with that stack's
-# config on a port of its own, serves N1 and then (in a second run) N2 `GET /api/data` calls on
+# config on a port of its own (redis-cache: the redis config with session.redis_cache_ms), serves N1 and then (in a second run) N2 `GET /api/data` calls on
 # one keep-alive connection (bench/keepalive_load.py, with the session cookie and X-CSRF), and
 # stops on SIGTERM. (total(N2) - total(N1)) / (N2 - N1) is the per-call cost: start-up and
 # shutdown cancel out. User-space instructions only (callgrind does not see the kernel).
@@ -71,6 +71,7 @@ count() {
   case $store in
     cookie) conf=$WORK/tg.toml ;;
     redis) conf=$WORK/tg-redis.toml ;;
+    redis-cache) conf=$WORK/tg-redis-cache.toml ;;
   esac
   port=$(free_port)
   sed "s/^listen = .*/listen = \"127.0.0.1:$port\"/; s|^public_url = .*|public_url = \"http://127.0.0.1:$port\"|" \
@@ -89,6 +90,7 @@ count() {
   case $store in
     cookie) cookie=$COOKIE ;;
     redis) cookie=$COOKIE_R ;;
+    redis-cache) cookie=$COOKIE_E ;;
   esac
   python3 bench/keepalive_load.py "$port" "$n" "$cookie" >"$TMP/load-$store-$n.txt"
   kill -TERM "$VG_PID"
@@ -108,8 +110,8 @@ count() {
   echo "| store | instructions per call | total, $N1 calls | total, $N2 calls |"
   echo "|---|---:|---:|---:|"
 } >"$TMP/report.md"
-for store in cookie redis; do
-  if [ "$store" = redis ] && ! grep -q '^TGR=' "$ENV"; then continue; fi
+for store in cookie redis redis-cache; do
+  if [ "$store" != cookie ] && ! grep -q '^TGR=' "$ENV"; then continue; fi
   a=$(count "$store" "$N1")
   b=$(count "$store" "$N2")
   grep -q "^bad 0" "$TMP/load-$store-$N2.txt" || {

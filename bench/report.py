@@ -15,6 +15,7 @@ NAMES = {
     "B": "B nginx plain proxy",
     "C": "C tokengate (cookie store)",
     "D": "D tokengate (redis store)",
+    "E": "E tokengate (redis store + replica cache)",
 }
 MB = 1024  # kB per MB (RSS figures are kB from /proc; "MB" below means MiB)
 
@@ -111,7 +112,7 @@ def main():
     w("## Throughput and latency")
     w("")
     rounds = max((s["n"] for s in summary.values()), default=0)
-    w(f"Median over {rounds} rounds (each round runs A, B, C{', D' if 'D' in targets else ''} "
+    w(f"Median over {rounds} rounds (each round runs {', '.join(targets)} "
       "back to back at each connection count). `req/s range` is min–max over the rounds. "
       "`+p50 vs A` is the latency added over going direct.")
     w("")
@@ -163,6 +164,8 @@ def main():
     w(f"| tokengate (C) | {mb(facts.get('rss_tg_kb', 0))} | {mb(facts.get('hwm_tg_kb', 0))} |")
     if "rss_tgr_kb" in facts:
         w(f"| tokengate redis (D) | {mb(facts['rss_tgr_kb'])} | {mb(facts.get('hwm_tgr_kb', 0))} |")
+    if "rss_tge_kb" in facts:
+        w(f"| tokengate redis + cache (E) | {mb(facts['rss_tge_kb'])} | {mb(facts.get('hwm_tge_kb', 0))} |")
     w("")
 
     w("## 1 GiB through the proxy")
@@ -244,6 +247,12 @@ def main():
             r = cc["rps"] / b["rps"]
             w(f"| cookie store ≥ 1.0× nginx req/s at {c} conns | {r:.2f}× ({cc['rps']:,.0f} vs {b['rps']:,.0f}) | {yes(r >= 1.0)} |")
             w(f"| cookie store p99 ≤ nginx's at {c} conns | {fmt_us(cc['p99'])} vs {fmt_us(b['p99'])} | {yes(cc['p99'] <= b['p99'])} |")
+    for t, how in (("D", "every call reads Redis"), ("E", "replica cache")):
+        for c in (32, 256):
+            b, d = summary.get(("B", c)), summary.get((t, c))
+            if b and d:
+                r = d["rps"] / b["rps"]
+                w(f"| redis store ≥ 0.8× nginx req/s at {c} conns ({t}: {how}) | {r:.2f}× ({d['rps']:,.0f} vs {b['rps']:,.0f}) | {yes(r >= 0.8)} |")
     a1, c1 = summary.get(("A", 1)), summary.get(("C", 1))
     if a1 and c1:
         added = c1["p50"] - a1["p50"]

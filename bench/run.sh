@@ -12,6 +12,7 @@
 #   B  nginx plain proxy
 #   C  tokengate, cookie session store (Cookie + X-CSRF headers)
 #   D  tokengate, redis session store (only when the binary supports it: see below)
+#   E  tokengate, redis session store with the per-replica cache (session.redis_cache_ms)
 # then measures 1 GiB up/download through tokengate, start-to-ready time and the refresh
 # stampede; writes bench/results/latest.md (and prints it). Every process it starts is stopped
 # on exit, also on failure or Ctrl-C.
@@ -20,6 +21,7 @@
 #   apt-get install -y nginx-light wrk
 # Knobs (environment): ROUNDS=3 DURATION=10 (s per wrk run) WARMUP=3 CONNS="1 32 256"
 #   BIG=1G STARTS=7 STAMPEDE_N=50 STAMPEDE_TTL=4 OUT=bench/results/latest.md SKIP_BUILD=0
+#   REDIS_CACHE_MS=5000 (target E's session.redis_cache_ms)
 #   KEEP_WORK=1 (keep the temp dir with every log and raw result)
 #   PROFILE=1 (one extra tokengate run under `perf record`: bench/results/perf-tokengate.txt)
 #   HOLD=1 (start the stack, log in, write $WORK/hold.env and wait: for profiling by hand)
@@ -38,6 +40,7 @@ STAMPEDE_N=${STAMPEDE_N:-50}
 STAMPEDE_TTL=${STAMPEDE_TTL:-4}
 OUT=${OUT:-$ROOT/bench/results/latest.md}
 SKIP_BUILD=${SKIP_BUILD:-0}
+REDIS_CACHE_MS=${REDIS_CACHE_MS:-5000}
 BIN=${BIN:-$ROOT/target/release/tokengate}
 
 log() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
@@ -173,7 +176,7 @@ fact commit "$(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --q
 fact nginx_version "$(nginx -v 2>&1 | sed 's/.*nginx\///')"
 fact wrk_version "$(wrk -v 2>&1 | head -1 | awk '{print $2}')"
 fact node_version "$(node --version)"
-fact settings "ROUNDS=$ROUNDS DURATION=${DURATION}s WARMUP=${WARMUP}s CONNS=\"$CONNS\" (wrk -t1, keep-alive)"
+fact settings "ROUNDS=$ROUNDS DURATION=${DURATION}s WARMUP=${WARMUP}s CONNS=\"$CONNS\" (wrk -t1, keep-alive); E: redis_cache_ms = $REDIS_CACHE_MS"
 
 if [ "$SKIP_BUILD" != 1 ]; then
   log "cargo build --release"
@@ -185,7 +188,7 @@ if [ ! -d tests/idp/node_modules ]; then
   (cd tests/idp && npm ci --no-audit --no-fund --silent) || die "npm ci"
 fi
 
-read -r UP_PORT NGX_PORT TG_PORT SINK_PORT TG2_PORT TGR_PORT REDIS_PORT <<<"$(free_ports 7)"
+read -r UP_PORT NGX_PORT TG_PORT SINK_PORT TG2_PORT TGR_PORT REDIS_PORT TGE_PORT <<<"$(free_ports 8)"
 KEY=$("$BIN" keygen)
 
 # ---------------------------------------------------------------- upstream API (nginx)
@@ -285,7 +288,7 @@ idp_clients() { # redirect ports...
   printf '[{"client_id":"tokengate","client_secret":"bench-secret","redirect_uris":[%s],"post_logout_redirect_uris":[%s],"grant_types":["authorization_code","refresh_token"],"response_types":["code"],"token_endpoint_auth_method":"client_secret_basic"}]' "$uris" "$logout"
 }
 # main IdP: long-lived access tokens, so no refresh happens during the load runs
-PORT=0 IDP_ACCESS_TOKEN_TTL=3600 IDP_CLIENTS=$(idp_clients "$TG_PORT" "$TGR_PORT") spawn idp node tests/idp/idp.mjs
+PORT=0 IDP_ACCESS_TOKEN_TTL=3600 IDP_CLIENTS=$(idp_clients "$TG_PORT" "$TGR_PORT" "$TGE_PORT") spawn idp node tests/idp/idp.mjs
 IDP_PID=$LAST_PID
 # stampede IdP: access tokens that expire after STAMPEDE_TTL seconds
 PORT=0 IDP_ACCESS_TOKEN_TTL=$STAMPEDE_TTL IDP_CLIENTS=$(idp_clients "$TG2_PORT") spawn idp2 node tests/idp/idp.mjs
@@ -293,7 +296,7 @@ ISSUER=http://127.0.0.1:$(first_line idp | json_num port)
 ISSUER2=http://127.0.0.1:$(first_line idp2 | json_num port)
 
 # ---------------------------------------------------------------- tokengate
-tg_config() { # FILE PORT ISSUER STORE [extra [oauth] lines]
+tg_config() { # FILE PORT ISSUER STORE [extra [oauth] lines] [extra [session] lines]
   cat >"$1" <<EOF
 [server]
 listen = "127.0.0.1:$2"
@@ -314,6 +317,7 @@ store = "$4"
 keys = ["$KEY"]
 EOF
   if [ "$4" = redis ]; then echo "redis_url = \"redis://127.0.0.1:$REDIS_PORT\"" >>"$1"; fi
+  if [ -n "${6:-}" ]; then echo "$6" >>"$1"; fi
   cat >>"$1" <<EOF
 
 [[routes]]
@@ -425,6 +429,15 @@ if "$BIN" check --config "$WORK/tg-redis.toml" >"$WORK/check-redis.out" 2>&1; th
     COOKIE_R=$(login_cookie "$TGR" "$ISSUER" redis)
     [ "$(code -H "Cookie: $COOKIE_R" -H 'X-CSRF: 1' "$TGR/api/data")" = 200 ] || die "D: tokengate (redis)"
     TARGETS="A B C D"
+    # E: the same store, each replica keeping the sessions it read (invalidated through pub/sub)
+    tg_config "$WORK/tg-redis-cache.toml" "$TGE_PORT" "$ISSUER" redis "" "redis_cache_ms = $REDIS_CACHE_MS"
+    spawn tge "$BIN" --config "$WORK/tg-redis-cache.toml"
+    TGE_PID=$LAST_PID
+    TGE=http://127.0.0.1:$TGE_PORT
+    wait_for 30 ready "$TGE" || die "tokengate (redis + cache) not ready: $(tail -5 "$WORK/tge.err")"
+    COOKIE_E=$(login_cookie "$TGE" "$ISSUER" redis-cache)
+    [ "$(code -H "Cookie: $COOKIE_E" -H 'X-CSRF: 1' "$TGE/api/data")" = 200 ] || die "E: tokengate (redis + cache)"
+    TARGETS="A B C D E"
     fact redis_note "redis-server $(redis-server --version | awk '{print $3}' | tr -d 'v=')"
   else
     fact redis_note "skipped: the binary supports session.store = \"redis\" but redis-server is not installed (apt-get install -y redis-server)"
@@ -445,6 +458,8 @@ if [ "${HOLD:-0}" = 1 ]; then
       if [ -n "${TGR:-}" ]; then
         echo "TGR=$TGR TGR_PID=$TGR_PID"
         echo "COOKIE_R='$(login_cookie "$TGR" "$ISSUER" redis)'"
+        echo "TGE=$TGE TGE_PID=$TGE_PID"
+        echo "COOKIE_E='$(login_cookie "$TGE" "$ISSUER" redis-cache)'"
       fi
     } >"$WORK/hold.env.new"
     mv "$WORK/hold.env.new" "$WORK/hold.env"
@@ -461,6 +476,7 @@ target_url() {
     B) echo "http://127.0.0.1:$NGX_PORT/api/data" ;;
     C) echo "$TG/api/data" ;;
     D) echo "$TGR/api/data" ;;
+    E) echo "$TGE/api/data" ;;
   esac
 }
 RAW=$WORK/raw.tsv
@@ -481,6 +497,10 @@ run_wrk() { # TARGET CONNS ROUND SECONDS
       COOKIE_R=$(login_cookie "$TGR" "$ISSUER" redis)
       hdrs=(-H "Cookie: $COOKIE_R" -H 'X-CSRF: 1')
       ;;
+    E)
+      COOKIE_E=$(login_cookie "$TGE" "$ISSUER" redis-cache)
+      hdrs=(-H "Cookie: $COOKIE_E" -H 'X-CSRF: 1')
+      ;;
   esac
   local proxy_pids up_pids c0 u0 c1 u1 a0 a1 x0 x1
   case $t in
@@ -488,6 +508,7 @@ run_wrk() { # TARGET CONNS ROUND SECONDS
     B) proxy_pids=$(nginx_pids "$NGX_PID") ;;
     C) proxy_pids=$TG_PID ;;
     D) proxy_pids=$TGR_PID ;;
+    E) proxy_pids=$TGE_PID ;;
   esac
   up_pids=$(nginx_pids "$UP_PID")
   c0=$(cpu_ticks $proxy_pids)
@@ -522,6 +543,10 @@ if [ -n "${TGR_PID:-}" ]; then
   start_sampler tgr 0.2 "$TGR_PID"
   S_TGR=$SAMPLER_PID
 fi
+if [ -n "${TGE_PID:-}" ]; then
+  start_sampler tge 0.2 "$TGE_PID"
+  S_TGE=$SAMPLER_PID
+fi
 fact load_before_load "$(cut -d' ' -f1-3 /proc/loadavg)"
 max_c=$(echo $CONNS | tr ' ' '\n' | sort -n | tail -1)
 log "warm-up: ${WARMUP}s per target at $max_c connections"
@@ -538,6 +563,7 @@ stop_sampler "$S_UP"
 stop_sampler "$S_NGX"
 stop_sampler "$S_TG"
 [ -n "${S_TGR:-}" ] && stop_sampler "$S_TGR"
+[ -n "${S_TGE:-}" ] && stop_sampler "$S_TGE"
 
 # ---------------------------------------------------------------- optional: where tokengate's time goes
 # PROFILE=1: one more C run at 32 connections under `perf record -e cpu-clock` (software event:
@@ -579,6 +605,10 @@ fact hwm_tg_kb "$(FIELD=VmHWM rss_kb "$TG_PID")"
 if [ -n "${TGR_PID:-}" ]; then
   fact rss_tgr_kb "$(peak_of tgr)"
   fact hwm_tgr_kb "$(FIELD=VmHWM rss_kb "$TGR_PID")"
+fi
+if [ -n "${TGE_PID:-}" ]; then
+  fact rss_tge_kb "$(peak_of tge)"
+  fact hwm_tge_kb "$(FIELD=VmHWM rss_kb "$TGE_PID")"
 fi
 fact load_after_load "$(cut -d' ' -f1-3 /proc/loadavg)"
 # log.level = "warn": a quiet run writes next to nothing; per-request lines would skew every number

@@ -12,6 +12,8 @@ use url::Url;
 
 /// The prefix of environment variables that override config keys.
 pub const ENV_PREFIX: &str = "TOKENGATE_";
+/// Upper bound of `session.redis_cache_ms`.
+const MAX_REDIS_CACHE_MS: u64 = 60_000;
 
 /// All the problems found in a configuration, reported together.
 #[derive(Debug)]
@@ -162,6 +164,7 @@ struct RawSession {
     redis_ca_file: Option<String>,
     redis_client_cert_file: Option<String>,
     redis_client_key_file: Option<String>,
+    redis_cache_ms: u64,
     keys: Vec<String>,
     idle_timeout_s: u64,
     absolute_timeout_s: u64,
@@ -175,6 +178,7 @@ impl Default for RawSession {
             redis_ca_file: None,
             redis_client_cert_file: None,
             redis_client_key_file: None,
+            redis_cache_ms: 0,
             keys: vec![],
             idle_timeout_s: 3600,
             absolute_timeout_s: 86400,
@@ -529,6 +533,10 @@ pub struct SessionConfig {
     /// `session.redis_client_cert_file` + `redis_client_key_file`: the PEM certificate chain and
     /// private key tokengate presents to a `rediss://` server that requires client certificates.
     pub redis_client_tls: Option<RedisClientTls>,
+    /// `session.redis_cache_ms`: how long a replica may serve a session it read from Redis
+    /// without reading it again; changes reach it at once through Redis pub/sub
+    /// (`session::redis_cache`). Zero (the default): every call reads Redis.
+    pub redis_cache: Duration,
     /// 32-byte keys: the first seals, all open (rotation).
     pub keys: Vec<[u8; 32]>,
     pub idle_timeout: Duration,
@@ -551,6 +559,7 @@ impl fmt::Debug for SessionConfig {
                 ),
             )
             .field("redis_client_tls", &self.redis_client_tls)
+            .field("redis_cache", &self.redis_cache)
             .field("keys", &format_args!("[{} redacted]", self.keys.len()))
             .field("idle_timeout", &self.idle_timeout)
             .field("absolute_timeout", &self.absolute_timeout)
@@ -1253,6 +1262,15 @@ fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
             None
         }
     };
+    let redis_cache = Duration::from_millis(raw.session.redis_cache_ms);
+    if raw.session.redis_cache_ms > MAX_REDIS_CACHE_MS {
+        problems.push(format!(
+            "session.redis_cache_ms: at most {MAX_REDIS_CACHE_MS} (it bounds how long a copy may be served if invalidations were lost)"
+        ));
+    }
+    if raw.session.redis_cache_ms > 0 && raw.session.store != "redis" {
+        warnings.push("session.redis_cache_ms: only used with session.store = \"redis\"".into());
+    }
     let mut keys = Vec::new();
     for (i, k) in raw.session.keys.iter().enumerate() {
         match decode_key(k) {
@@ -1557,6 +1575,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
             store: store?,
             redis_ca_pem,
             redis_client_tls,
+            redis_cache,
             keys,
             idle_timeout,
             absolute_timeout,

@@ -62,6 +62,7 @@ impl Shared {
                 s.redis_ca_pem.as_deref(),
                 s.redis_client_tls.as_ref(),
                 sealer.clone(),
+                s.redis_cache,
             )?),
         };
         let store = SessionStore::new(

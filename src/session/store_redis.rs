@@ -22,6 +22,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{FromRedisValue, Script};
 use tokio::sync::RwLock;
 
+use super::redis_cache::{self, LocalSessions, Lookup};
 use super::refresh::{grant, grant_for, RefreshError};
 use super::seal::Sealer;
 use super::store::{Downscoped, OpenedCache, StoreError};
@@ -36,14 +37,26 @@ const LEASE_TTL: Duration = Duration::from_secs(15);
 const LEASE_WAIT: Duration = Duration::from_secs(20);
 const LEASE_POLL: Duration = Duration::from_millis(25);
 
+/// Compare-and-swap write of a session. Every write (and [`DELETE`]) announces the session id on
+/// [`redis_cache::CHANNEL`] in the same script, so replicas that keep sessions
+/// (`session.redis_cache_ms`) drop their copy; `pcall`: a Redis user without the right to
+/// publish still writes (such replicas then keep nothing: they cannot subscribe either).
 const CAS: &str = r"
 local cur = redis.call('HGET', KEYS[1], 'g')
 if (cur == false and ARGV[1] == '0') or cur == ARGV[1] then
   redis.call('HSET', KEYS[1], 'g', ARGV[2], 'd', ARGV[3])
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  redis.pcall('PUBLISH', ARGV[5], ARGV[6])
   return 1
 end
 return 0
+";
+
+/// Deletes a session and announces it, atomically (see [`CAS`]).
+const DELETE: &str = r"
+local n = redis.call('DEL', KEYS[1])
+redis.pcall('PUBLISH', ARGV[1], ARGV[2])
+return n
 ";
 
 const RELEASE: &str = r"
@@ -68,7 +81,13 @@ pub struct RedisStore {
     /// session from Redis (one round trip: a session deleted or changed by another replica is
     /// seen at once), but the same stored bytes are decrypted and parsed only once.
     opened: OpenedCache,
+    /// Sessions served without a round trip (`session.redis_cache_ms` > 0), kept correct by
+    /// invalidation messages ([`redis_cache`]); `None`: every call reads Redis.
+    local: Option<Arc<LocalSessions>>,
+    /// One client per configured node, for the invalidation subscription.
+    subscribe_via: Vec<redis::Client>,
     cas: Script,
+    delete: Script,
     release: Script,
 }
 
@@ -146,19 +165,20 @@ impl RedisStore {
     /// `cluster_enabled:1` to `INFO cluster` at connect time) is a cluster seed too.
     /// Connecting happens in the background: tokengate starts while Redis is down.
     pub fn new(url: &str, sealer: Sealer) -> anyhow::Result<Arc<Self>> {
-        Self::with_tls(url, None, None, sealer)
+        Self::with_tls(url, None, None, sealer, Duration::ZERO)
     }
 
     /// As [`Self::new`]; with `ca_pem` (PEM CA certificates, `session.redis_ca_file`) a
     /// `rediss://` server must present a certificate chaining to one of those, and to nothing
     /// else: the webpki roots are not trusted then (a private CA stays private). With `client`
     /// (`session.redis_client_cert_file` / `_key_file`) tokengate presents that certificate to
-    /// servers that require one (mutual TLS).
+    /// servers that require one (mutual TLS). `local_cache`: `session.redis_cache_ms` (zero: off).
     pub fn with_tls(
         url: &str,
         ca_pem: Option<&[u8]>,
         client: Option<&crate::config::RedisClientTls>,
         sealer: Sealer,
+        local_cache: Duration,
     ) -> anyhow::Result<Arc<Self>> {
         let urls: Vec<&str> = url
             .split(',')
@@ -172,6 +192,13 @@ impl RedisStore {
             }),
             root_cert: ca_pem.map(<[u8]>::to_vec),
         });
+        let subscribe_via = urls
+            .iter()
+            .map(|u| match &certs {
+                Some(c) => redis::Client::build_with_tls(*u, c.clone()),
+                None => redis::Client::open(*u),
+            })
+            .collect::<redis::RedisResult<Vec<_>>>()?;
         let target = if urls.len() > 1 {
             Target::Cluster(cluster_client(
                 urls.iter().map(|u| u.to_string()).collect(),
@@ -190,7 +217,10 @@ impl RedisStore {
             conn: RwLock::new(None),
             sealer,
             opened: OpenedCache::default(),
+            local: (!local_cache.is_zero()).then(|| LocalSessions::new(local_cache)),
+            subscribe_via,
             cas: Script::new(CAS),
+            delete: Script::new(DELETE),
             release: Script::new(RELEASE),
         }))
     }
@@ -274,11 +304,39 @@ impl RedisStore {
     }
 
     pub async fn ping(&self) -> bool {
+        if let Some(local) = &self.local {
+            // Readiness checks come first: the subscription is up before the first session call.
+            local.follow(&self.subscribe_via);
+        }
         self.query::<String>(&redis::cmd("PING")).await.is_ok()
     }
 
-    /// The session `sid`, or `None` when it does not exist (expired, logged out, revoked).
+    /// The session `sid`, or `None` when it does not exist (expired, logged out, revoked): this
+    /// replica's copy when it keeps one ([`redis_cache`]), else read from Redis.
     pub async fn get(&self, sid: &str) -> Result<Option<Session>, StoreError> {
+        let Some(local) = &self.local else {
+            return self.read(sid).await;
+        };
+        local.follow(&self.subscribe_via);
+        let ticket = match local.lookup(sid) {
+            Lookup::Hit(s) => return Ok(Some(s)),
+            Lookup::Miss(t) => Some(t),
+            Lookup::Off => None,
+        };
+        let read = self.read(sid).await?;
+        if let (Some(t), Some(s)) = (ticket, &read) {
+            local.fill(t, s);
+        }
+        Ok(read)
+    }
+
+    /// Whether this replica is serving sessions from its own cache now (tests, metrics).
+    pub fn local_cache_up(&self) -> bool {
+        self.local.as_ref().is_some_and(|l| l.is_up())
+    }
+
+    /// The session `sid` as stored in Redis now (one round trip), or `None`.
+    pub async fn read(&self, sid: &str) -> Result<Option<Session>, StoreError> {
         let key = session_key(sid);
         let (generation, data): (Option<u64>, Option<String>) = self
             .query(redis::cmd("HMGET").arg(&key).arg("g").arg("d"))
@@ -335,9 +393,15 @@ impl RedisStore {
         inv.arg(session.generation)
             .arg(next)
             .arg(&sealed)
-            .arg(ttl_ms);
-        let ok: i64 = self.invoke(inv).await?;
-        if ok != 1 {
+            .arg(ttl_ms)
+            .arg(redis_cache::CHANNEL)
+            .arg(&session.id);
+        let written = self.invoke::<i64>(inv).await;
+        if let Some(local) = &self.local {
+            // Also after a conflict or a failure: whatever this replica kept may be old.
+            local.invalidate(&session.id);
+        }
+        if written? != 1 {
             return Err(StoreError::Conflict);
         }
         if session.generation == 0 {
@@ -366,8 +430,14 @@ impl RedisStore {
 
     pub async fn delete(&self, session: &Session) -> Result<(), StoreError> {
         self.opened.forget(&session.id);
-        self.query::<i64>(redis::cmd("DEL").arg(session_key(&session.id)))
-            .await?;
+        let key = session_key(&session.id);
+        let mut inv = self.delete.key(&key);
+        inv.arg(redis_cache::CHANNEL).arg(&session.id);
+        let deleted = self.invoke::<i64>(inv).await;
+        if let Some(local) = &self.local {
+            local.invalidate(&session.id);
+        }
+        deleted?;
         for idx in index_keys(session) {
             let _ = self
                 .query::<i64>(redis::cmd("SREM").arg(idx).arg(&session.id))
@@ -392,7 +462,7 @@ impl RedisStore {
         let sids: Vec<String> = self.query(redis::cmd("SMEMBERS").arg(&index)).await?;
         let mut n = 0;
         for sid in &sids {
-            match self.get(sid).await? {
+            match self.read(sid).await? {
                 // With both sid and sub given, both must match; others stay indexed.
                 Some(s) if sub.is_some_and(|sub| sub != s.subject) => {}
                 // delete() also takes it out of its indexes.
@@ -514,7 +584,7 @@ impl RedisStore {
             }
             // Someone else is refreshing: wait for their write.
             tokio::time::sleep(LEASE_POLL).await;
-            match self.get(&session.id).await.map_err(store_down)? {
+            match self.read(&session.id).await.map_err(store_down)? {
                 Some(current) if current.access_token.secret() != session.access_token.secret() => {
                     return Ok(current)
                 }
@@ -568,7 +638,11 @@ impl RedisStore {
     ) -> Result<Downscoped, RefreshError> {
         let ended = || RefreshError::Fatal("the session ended".into());
         // The stored session holds the newest refresh token (another replica may have rotated it).
-        let mut current = self.get(sid).await.map_err(store_down)?.ok_or_else(ended)?;
+        let mut current = self
+            .read(sid)
+            .await
+            .map_err(store_down)?
+            .ok_or_else(ended)?;
         let token = match grant_for(idp, &current, target).await {
             Ok(t) => t,
             Err(e @ RefreshError::Fatal(_)) => {
@@ -605,7 +679,11 @@ impl RedisStore {
                     })
                 }
                 Err(StoreError::Conflict) => {
-                    current = self.get(sid).await.map_err(store_down)?.ok_or_else(ended)?;
+                    current = self
+                        .read(sid)
+                        .await
+                        .map_err(store_down)?
+                        .ok_or_else(ended)?;
                 }
                 Err(e) => return Err(store_down(e)),
             }
@@ -620,7 +698,7 @@ impl RedisStore {
         idle: Duration,
         absolute: Duration,
     ) -> Result<Session, RefreshError> {
-        let Some(current) = self.get(&seen.id).await.map_err(store_down)? else {
+        let Some(current) = self.read(&seen.id).await.map_err(store_down)? else {
             return Err(RefreshError::Fatal("the session ended".into()));
         };
         // Refreshed by another replica since this request read it: nothing to do.
@@ -639,7 +717,7 @@ impl RedisStore {
         match self.put(&mut next, idle, absolute).await {
             Ok(()) => Ok(next),
             Err(StoreError::Conflict) => self
-                .get(&seen.id)
+                .read(&seen.id)
                 .await
                 .map_err(store_down)?
                 .ok_or_else(|| RefreshError::Fatal("the session ended".into())),

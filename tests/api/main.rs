@@ -20,6 +20,7 @@ mod oidc_token_exchange;
 mod operations;
 mod par;
 mod proxy;
+mod redis_cache;
 mod redis_gaps;
 mod redis_server;
 mod redis_tls;

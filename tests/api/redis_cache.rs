@@ -1,0 +1,244 @@
+//! `session.redis_cache_ms`: each replica keeps the sessions it read, and every write or delete
+//! on any replica reaches those copies through Redis pub/sub. Two replicas, one real Redis, the
+//! real IdP. The cache lifetime is a minute in every test, so whatever ends a copy sooner is the
+//! invalidation (or the lost subscription), never its expiry.
+
+use std::time::Duration;
+
+use crate::oidc_provider::{Stack, StackOptions};
+use crate::redis_server::RedisServer;
+
+/// The channel tokengate announces session writes on (`session::redis_cache::CHANNEL`).
+const CHANNEL: &str = "tg:sessions:changed";
+
+async fn two_caching_replicas(redis: &RedisServer) -> Stack {
+    Stack::start_with(StackOptions {
+        replicas: 2,
+        extra_session: format!(
+            "store = \"redis\"\nredis_url = \"{}\"\nredis_cache_ms = 60000",
+            redis.url()
+        ),
+        ..StackOptions::default()
+    })
+    .await
+}
+
+/// How many session reads (HMGET) Redis has answered so far.
+fn session_reads(redis: &RedisServer) -> u64 {
+    let stats = redis.cli(&["INFO", "commandstats"]);
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_hmget:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.trim().parse().expect("a count"))
+}
+
+/// Waits (bounded) until both replicas are subscribed to the invalidation channel.
+async fn both_subscribed(redis: &RedisServer) {
+    for _ in 0..200 {
+        let out = redis.cli(&["PUBSUB", "NUMSUB", CHANNEL]);
+        if out.lines().nth(1).map(str::trim) == Some("2") {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the replicas did not subscribe to {CHANNEL}");
+}
+
+async fn status(stack: &Stack, replica: usize, path: &str) -> u16 {
+    stack
+        .browser
+        .get(format!("{}{path}", stack.bases[replica]))
+        .header("X-CSRF", "1")
+        .send()
+        .await
+        .expect("call")
+        .status()
+        .as_u16()
+}
+
+/// Calls `path` on `replica` until it answers `want` (at most `tries` times, 50 ms apart).
+async fn until_status(stack: &Stack, replica: usize, path: &str, want: u16, tries: usize) -> bool {
+    for _ in 0..tries {
+        if status(stack, replica, path).await == want {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn repeat_calls_on_a_replica_read_redis_once_and_a_write_elsewhere_makes_it_read_again() {
+    let redis = RedisServer::start().await;
+    let stack = two_caching_replicas(&redis).await;
+    both_subscribed(&redis).await;
+    assert_eq!(stack.login("gina", "/").await.status(), 302);
+    assert_eq!(status(&stack, 1, "/api/warm").await, 200);
+
+    let before = session_reads(&redis);
+    for i in 0..20 {
+        assert_eq!(status(&stack, 1, &format!("/api/call{i}")).await, 200);
+    }
+    let reads = session_reads(&redis) - before;
+    assert!(
+        reads <= 1,
+        "20 calls read the session from Redis {reads} times"
+    );
+
+    // Another replica writes the session (a refresh): this replica's copy is dropped, so its
+    // next call reads Redis again, well before the copy would have expired.
+    let r = stack
+        .browser
+        .post(format!("{}/refreshtoken", stack.bases[0]))
+        .header("X-CSRF", "1")
+        .send()
+        .await
+        .expect("refresh");
+    assert_eq!(r.status(), 200);
+    let mut reread = false;
+    for _ in 0..100 {
+        let before = session_reads(&redis);
+        assert_eq!(status(&stack, 1, "/api/after").await, 200);
+        if session_reads(&redis) > before {
+            reread = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        reread,
+        "the write on the other replica did not reach this one's copy"
+    );
+}
+
+#[tokio::test]
+async fn a_logout_on_one_replica_ends_the_copy_kept_by_the_other() {
+    let redis = RedisServer::start().await;
+    let stack = two_caching_replicas(&redis).await;
+    both_subscribed(&redis).await;
+    assert_eq!(stack.login("hank", "/").await.status(), 302);
+    let cookie = stack.cookie_header();
+    let raw = reqwest::Client::new();
+    let userinfo = |base: &str| {
+        raw.get(format!("{base}/userinfo"))
+            .header("Cookie", &cookie)
+            .send()
+    };
+    for _ in 0..3 {
+        assert_eq!(
+            userinfo(&stack.bases[1]).await.expect("userinfo").status(),
+            200
+        );
+    }
+    let before = session_reads(&redis);
+    assert_eq!(
+        userinfo(&stack.bases[1]).await.expect("userinfo").status(),
+        200
+    );
+    assert_eq!(
+        session_reads(&redis),
+        before,
+        "replica 1 serves its own copy"
+    );
+
+    let r = stack
+        .browser
+        .post(format!("{}/logout", stack.bases[0]))
+        .header("X-CSRF", "1")
+        .send()
+        .await
+        .expect("logout");
+    assert_eq!(r.status(), 200);
+    // The message takes a moment to arrive; the copy would live for a minute.
+    let mut ended = false;
+    for _ in 0..100 {
+        if userinfo(&stack.bases[1]).await.expect("userinfo").status() == 401 {
+            ended = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ended, "the copy outlived the logout on the other replica");
+    for b in &stack.bases {
+        assert_eq!(
+            userinfo(b).await.expect("userinfo").status(),
+            401,
+            "replica {b}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_frozen_redis_turns_the_copies_off_and_they_come_back_with_it() {
+    let redis = RedisServer::start().await;
+    let stack = two_caching_replicas(&redis).await;
+    both_subscribed(&redis).await;
+    assert_eq!(stack.login("ivy", "/").await.status(), 302);
+    for _ in 0..3 {
+        assert_eq!(status(&stack, 1, "/api/warm").await, 200);
+    }
+    let frozen = redis.freeze();
+    // A silent Redis cannot deliver invalidations: the heartbeat notices, the copy is no longer
+    // served, and calls answer 503 like without a cache (long before the copy's minute is up).
+    assert!(
+        until_status(&stack, 1, "/api/frozen", 503, 100).await,
+        "the copy was still served from a silent Redis"
+    );
+    frozen.thaw();
+    assert!(
+        until_status(&stack, 1, "/api/back", 200, 200).await,
+        "service came back when Redis did"
+    );
+    both_subscribed(&redis).await;
+}
+
+#[tokio::test]
+async fn a_killed_redis_turns_the_copies_off_and_the_session_comes_back_with_it() {
+    let mut redis = RedisServer::start_persistent().await;
+    let stack = two_caching_replicas(&redis).await;
+    both_subscribed(&redis).await;
+    assert_eq!(stack.login("jack", "/").await.status(), 302);
+    for _ in 0..3 {
+        assert_eq!(status(&stack, 1, "/api/warm").await, 200);
+    }
+    redis.kill();
+    // The subscription's connection closes with the server: no copy is served after that.
+    assert!(
+        until_status(&stack, 1, "/api/down", 503, 100).await,
+        "a copy was served while Redis was down"
+    );
+    redis.restart().await;
+    assert!(
+        until_status(&stack, 1, "/api/back", 200, 200).await,
+        "the session came back with Redis"
+    );
+}
+
+#[test]
+fn the_cache_lifetime_is_checked_at_load() {
+    let config = |extra: &str| {
+        format!(
+            "[oauth]\nissuer = \"http://127.0.0.1:9\"\nclient_id = \"c\"\nclient_secret = \"s\"\n[session]\nstore = \"redis\"\nredis_url = \"redis://127.0.0.1:9\"\nkeys = [\"{}\"]\n{extra}",
+            "A".repeat(43) + "="
+        )
+    };
+    let ok = tokengate::config::Config::load(&config("redis_cache_ms = 2000"), vec![])
+        .expect("a valid config");
+    assert_eq!(ok.session.redis_cache, Duration::from_millis(2000));
+    let off = tokengate::config::Config::load(&config(""), vec![]).expect("a valid config");
+    assert_eq!(off.session.redis_cache, Duration::ZERO, "off by default");
+    let msg = tokengate::config::Config::load(&config("redis_cache_ms = 600000"), vec![])
+        .expect_err("too long")
+        .to_string();
+    assert!(
+        msg.contains("session.redis_cache_ms: at most 60000"),
+        "{msg}"
+    );
+    let env = tokengate::config::Config::load(
+        &config(""),
+        vec![("TOKENGATE_SESSION__REDIS_CACHE_MS".into(), "500".into())],
+    )
+    .expect("set from the environment");
+    assert_eq!(env.session.redis_cache, Duration::from_millis(500));
+}
