@@ -43,6 +43,15 @@ struct Handles {
     store: Vec<((usize, usize), Histogram)>,
 }
 
+/// Handles of the session cache's metrics (each an atomic behind an `Arc`: no lookup per call).
+#[derive(Clone, Default)]
+pub struct CacheMetrics {
+    pub up: Gauge,
+    pub hit: Counter,
+    pub miss: Counter,
+    pub off: Counter,
+}
+
 /// Every metric tokengate exports.
 pub struct Metrics {
     registry: Mutex<Registry>,
@@ -237,6 +246,28 @@ impl Metrics {
                 ("outcome", outcome.into()),
             ])
             .observe(took.as_secs_f64());
+    }
+
+    /// The metrics of a replica's Redis session cache (`session.redis_cache_ms`), registered on
+    /// first use: deployments without the cache do not export them.
+    pub fn session_cache(&self) -> CacheMetrics {
+        let up = Gauge::default();
+        let lookups = Family::<OpLabels, Counter>::default();
+        if let Ok(mut r) = self.registry.lock() {
+            r.register(
+                "session_cache_up",
+                "1 while the session cache's invalidation subscription is up (copies are served), else 0",
+                up.clone(),
+            );
+            r.register(
+                "session_cache_lookups",
+                "Session cache lookups by result: hit (no Redis round trip), miss, off (subscription down)",
+                lookups.clone(),
+            );
+        }
+        let counter = |result: &'static str| lookups.get_or_create(&[("result", result)]).clone();
+        let (hit, miss, off) = (counter("hit"), counter("miss"), counter("off"));
+        CacheMetrics { up, hit, miss, off }
     }
 
     pub fn set_pending_logins(&self, n: usize) {

@@ -62,7 +62,12 @@ impl Shared {
                 s.redis_ca_pem.as_deref(),
                 s.redis_client_tls.as_ref(),
                 sealer.clone(),
-                s.redis_cache,
+                (!s.redis_cache.is_zero()).then(|| {
+                    crate::session::redis_cache::LocalSessions::new(
+                        s.redis_cache,
+                        metrics.session_cache(),
+                    )
+                }),
             )?),
         };
         let store = SessionStore::new(

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 
 use super::tokens::Session;
+use crate::metrics::CacheMetrics;
 
 /// The channel session writes and deletes are announced on (payload: the session id).
 pub const CHANNEL: &str = "tg:sessions:changed";
@@ -40,6 +41,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// The cache of one Redis store.
 pub struct LocalSessions {
     ttl: Duration,
+    metrics: CacheMetrics,
     inner: Mutex<Inner>,
     follower: std::sync::Once,
 }
@@ -69,9 +71,10 @@ pub enum Lookup {
 pub struct Ticket(u64);
 
 impl LocalSessions {
-    pub fn new(ttl: Duration) -> Arc<Self> {
+    pub fn new(ttl: Duration, metrics: CacheMetrics) -> Arc<Self> {
         Arc::new(Self {
             ttl,
+            metrics,
             inner: Mutex::new(Inner {
                 epoch: 0,
                 up: false,
@@ -93,7 +96,13 @@ impl LocalSessions {
     }
 
     pub fn lookup(&self, sid: &str) -> Lookup {
-        self.lookup_at(sid, Instant::now())
+        let found = self.lookup_at(sid, Instant::now());
+        match &found {
+            Lookup::Hit(_) => self.metrics.hit.inc(),
+            Lookup::Miss(_) => self.metrics.miss.inc(),
+            Lookup::Off => self.metrics.off.inc(),
+        };
+        found
     }
 
     fn lookup_at(&self, sid: &str, now: Instant) -> Lookup {
@@ -150,6 +159,7 @@ impl LocalSessions {
             g.epoch += 1;
             g.up = up;
             g.entries.clear();
+            self.metrics.up.set(i64::from(up));
         }
     }
 
@@ -282,7 +292,7 @@ mod tests {
 
     #[test]
     fn nothing_is_served_or_kept_while_the_subscription_is_down() {
-        let c = LocalSessions::new(Duration::from_secs(5));
+        let c = LocalSessions::new(Duration::from_secs(5), CacheMetrics::default());
         assert!(matches!(c.lookup("a"), Lookup::Off));
         c.set_up(true);
         let t = ticket(c.lookup("a"));
@@ -297,7 +307,7 @@ mod tests {
 
     #[test]
     fn a_filled_session_is_served_until_the_ttl_then_read_again() {
-        let c = LocalSessions::new(Duration::from_secs(5));
+        let c = LocalSessions::new(Duration::from_secs(5), CacheMetrics::default());
         c.set_up(true);
         let t0 = Instant::now();
         let t = ticket(c.lookup_at("a", t0));
@@ -312,7 +322,7 @@ mod tests {
 
     #[test]
     fn an_invalidation_drops_the_session_and_only_it() {
-        let c = LocalSessions::new(Duration::from_secs(5));
+        let c = LocalSessions::new(Duration::from_secs(5), CacheMetrics::default());
         c.set_up(true);
         for id in ["a", "b"] {
             let t = ticket(c.lookup(id));
@@ -325,7 +335,7 @@ mod tests {
 
     #[test]
     fn a_read_overtaken_by_an_invalidation_is_not_kept() {
-        let c = LocalSessions::new(Duration::from_secs(5));
+        let c = LocalSessions::new(Duration::from_secs(5), CacheMetrics::default());
         c.set_up(true);
         // The read begins, another replica writes the session, its message arrives, then the
         // (now old) read answers: it must not be kept.
@@ -337,7 +347,7 @@ mod tests {
 
     #[test]
     fn a_reconnect_starts_from_empty() {
-        let c = LocalSessions::new(Duration::from_secs(5));
+        let c = LocalSessions::new(Duration::from_secs(5), CacheMetrics::default());
         c.set_up(true);
         let t = ticket(c.lookup("a"));
         c.fill(t, &session("a"));
@@ -347,7 +357,7 @@ mod tests {
 
     #[test]
     fn a_full_cache_makes_room() {
-        let c = LocalSessions::new(Duration::from_secs(5));
+        let c = LocalSessions::new(Duration::from_secs(5), CacheMetrics::default());
         c.set_up(true);
         let t0 = Instant::now();
         for i in 0..MAX_ENTRIES {

@@ -165,20 +165,21 @@ impl RedisStore {
     /// `cluster_enabled:1` to `INFO cluster` at connect time) is a cluster seed too.
     /// Connecting happens in the background: tokengate starts while Redis is down.
     pub fn new(url: &str, sealer: Sealer) -> anyhow::Result<Arc<Self>> {
-        Self::with_tls(url, None, None, sealer, Duration::ZERO)
+        Self::with_tls(url, None, None, sealer, None)
     }
 
     /// As [`Self::new`]; with `ca_pem` (PEM CA certificates, `session.redis_ca_file`) a
     /// `rediss://` server must present a certificate chaining to one of those, and to nothing
     /// else: the webpki roots are not trusted then (a private CA stays private). With `client`
     /// (`session.redis_client_cert_file` / `_key_file`) tokengate presents that certificate to
-    /// servers that require one (mutual TLS). `local_cache`: `session.redis_cache_ms` (zero: off).
+    /// servers that require one (mutual TLS). `local`: this replica's session cache
+    /// (`session.redis_cache_ms`), if any.
     pub fn with_tls(
         url: &str,
         ca_pem: Option<&[u8]>,
         client: Option<&crate::config::RedisClientTls>,
         sealer: Sealer,
-        local_cache: Duration,
+        local: Option<Arc<LocalSessions>>,
     ) -> anyhow::Result<Arc<Self>> {
         let urls: Vec<&str> = url
             .split(',')
@@ -217,7 +218,7 @@ impl RedisStore {
             conn: RwLock::new(None),
             sealer,
             opened: OpenedCache::default(),
-            local: (!local_cache.is_zero()).then(|| LocalSessions::new(local_cache)),
+            local,
             subscribe_via,
             cas: Script::new(CAS),
             delete: Script::new(DELETE),

@@ -85,6 +85,26 @@ async fn repeat_calls_on_a_replica_read_redis_once_and_a_write_elsewhere_makes_i
         reads <= 1,
         "20 calls read the session from Redis {reads} times"
     );
+    // What an operator sees.
+    let metrics = stack
+        .browser
+        .get(format!("{}/metrics", stack.bases[1]))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("tokengate_session_cache_up 1"),
+        "{metrics}"
+    );
+    let hits: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tokengate_session_cache_lookups_total{result=\"hit\"} "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("a hit counter");
+    assert!(hits >= 19, "{hits} hits in:\n{metrics}");
 
     // Another replica writes the session (a refresh): this replica's copy is dropped, so its
     // next call reads Redis again, well before the copy would have expired.
@@ -241,4 +261,105 @@ fn the_cache_lifetime_is_checked_at_load() {
     )
     .expect("set from the environment");
     assert_eq!(env.session.redis_cache, Duration::from_millis(500));
+}
+
+/// On a Redis Cluster the announcement is published on the node that holds the session and
+/// reaches a replica subscribed through another node (cluster-wide pub/sub): a refresh on one
+/// replica puts the new token on the other's next API calls, and a logout ends its copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_writes_reach_a_replica_subscribed_through_another_node() {
+    use crate::helpers::*;
+    use crate::redis_server::RedisCluster;
+
+    let cluster = RedisCluster::start().await;
+    let idp = FakeIdp::start().await;
+    // Every node, starting with `first`: a replica subscribes through the first node it is given.
+    let nodes_from = |first: usize| {
+        (0..3)
+            .map(|i| format!("redis://127.0.0.1:{}", cluster.ports[(first + i) % 3]))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let caching = |first: usize| {
+        AppOptions {
+            redis_url: Some(nodes_from(first)),
+            ..AppOptions::default()
+        }
+        .session("redis_cache_ms = 60000")
+    };
+    let a = spawn_app_with(caching(0).idp(&idp)).await;
+    a.login().await;
+    let home = (0..3)
+        .find(|i| {
+            !cluster
+                .cli_on(cluster.ports[*i], &["KEYS", "tg:{*}:s"])
+                .trim()
+                .is_empty()
+        })
+        .expect("the session is on one node");
+    let other = (home + 1) % 3;
+    let b = spawn_app_with(caching(other).idp(&idp)).await;
+    // b subscribes (on readiness) through `other`, which does not hold the session; a did on node 0.
+    let expected = if other == 0 { "2" } else { "1" };
+    let mut subscribed = false;
+    for _ in 0..200 {
+        let out = cluster.cli_on(cluster.ports[other], &["PUBSUB", "NUMSUB", CHANNEL]);
+        if out.lines().nth(1).map(str::trim) == Some(expected) {
+            subscribed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        subscribed,
+        "replica b did not subscribe through node {other}"
+    );
+
+    let cookie = a.session_cookie_header();
+    let api_on_b = |path: &'static str| {
+        b.raw_client
+            .get(b.url(path))
+            .header("Cookie", &cookie)
+            .header("X-CSRF", "1")
+            .send()
+    };
+    let first_token = idp.last_access_token().expect("access token");
+    for _ in 0..3 {
+        assert_eq!(api_on_b("/api/warm").await.expect("api").status(), 200);
+    }
+    assert_eq!(
+        b.api.last().header("authorization"),
+        Some(format!("Bearer {first_token}").as_str())
+    );
+
+    assert_eq!(a.post_refresh().await.status(), 200);
+    let refreshed = idp.last_access_token().expect("access token");
+    assert_ne!(refreshed, first_token);
+    let mut fresh = false;
+    for _ in 0..100 {
+        assert_eq!(
+            api_on_b("/api/after-refresh").await.expect("api").status(),
+            200
+        );
+        if b.api.last().header("authorization") == Some(format!("Bearer {refreshed}").as_str()) {
+            fresh = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        fresh,
+        "replica b kept sending the token from before the refresh"
+    );
+
+    assert_eq!(a.post_logout().await.status(), 200);
+    let mut ended = false;
+    for _ in 0..100 {
+        if api_on_b("/api/after-logout").await.expect("api").status() == 401 {
+            ended = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ended, "replica b's copy outlived the logout");
 }
