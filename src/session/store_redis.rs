@@ -193,6 +193,7 @@ impl RedisStore {
             }),
             root_cert: ca_pem.map(<[u8]>::to_vec),
         });
+        // One client per node: the invalidation subscription's, and the one of a single URL.
         let subscribe_via = urls
             .iter()
             .map(|u| match &certs {
@@ -200,18 +201,17 @@ impl RedisStore {
                 None => redis::Client::open(*u),
             })
             .collect::<redis::RedisResult<Vec<_>>>()?;
-        let target = if urls.len() > 1 {
-            Target::Cluster(cluster_client(
+        let target = match (&urls[..], &subscribe_via[..]) {
+            ([url], [client]) => Target::Single {
+                client: client.clone(),
+                url: url.to_string(),
+                certs,
+            },
+            ([], _) => anyhow::bail!("session.redis_url: no URL"),
+            _ => Target::Cluster(cluster_client(
                 urls.iter().map(|u| u.to_string()).collect(),
                 certs,
-            )?)
-        } else {
-            let url = url.trim().to_string();
-            let client = match &certs {
-                Some(c) => redis::Client::build_with_tls(url.as_str(), c.clone())?,
-                None => redis::Client::open(url.as_str())?,
-            };
-            Target::Single { client, url, certs }
+            )?),
         };
         Ok(Arc::new(Self {
             target,
