@@ -77,9 +77,10 @@ pub struct RedisStore {
     target: Target,
     conn: RwLock<Option<Conn>>,
     sealer: Sealer,
-    /// Sessions already opened, by their sealed value as stored: every call still reads the
-    /// session from Redis (one round trip: a session deleted or changed by another replica is
-    /// seen at once), but the same stored bytes are decrypted and parsed only once.
+    /// Sessions already opened, by their sealed value as stored: without `local`, every call
+    /// still reads the session from Redis (one round trip: a session deleted or changed by
+    /// another replica is seen at once), but the same stored bytes are decrypted and parsed only
+    /// once.
     opened: OpenedCache,
     /// Sessions served without a round trip (`session.redis_cache_ms` > 0), kept correct by
     /// invalidation messages ([`redis_cache`]); `None`: every call reads Redis.
