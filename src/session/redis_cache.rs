@@ -162,11 +162,6 @@ impl LocalSessions {
             self.metrics.up.set(i64::from(up));
         }
     }
-
-    /// Whether entries are being served (tests).
-    pub fn is_up(&self) -> bool {
-        self.inner.lock().is_ok_and(|g| g.up)
-    }
 }
 
 /// Turns the cache off when the subscription ends, also when its task is dropped.

@@ -332,11 +332,6 @@ impl RedisStore {
         Ok(read)
     }
 
-    /// Whether this replica is serving sessions from its own cache now (tests, metrics).
-    pub fn local_cache_up(&self) -> bool {
-        self.local.as_ref().is_some_and(|l| l.is_up())
-    }
-
     /// The session `sid` as stored in Redis now (one round trip), or `None`.
     pub async fn read(&self, sid: &str) -> Result<Option<Session>, StoreError> {
         let key = session_key(sid);
