@@ -5,7 +5,9 @@
 //! The pool is ours rather than hyper-util's general client: a proxied call then costs one `Vec`
 //! pop and push under an uncontended lock, with no pool key to hash, no `Host` to format, and no
 //! task spawned per request to wait for the connection to come back (a connection returns to the
-//! pool when its response body has been read to the end).
+//! pool when its response body has been read to the end). A call without a body (nearly all)
+//! goes on our own HTTP/1.1 connection ([`h1`]), read and written by the request's own task; a
+//! call with a body on hyper's client connection.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -17,12 +19,16 @@ use http::{header, HeaderValue, Uri};
 use hyper::body::{Bytes, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
 use tower::ServiceExt;
 
 use super::path::under_prefix;
 use crate::config::RouteConfig;
 
+mod h1;
+
 pub type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
+type MaybeHttps = hyper_rustls::MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>;
 
 /// Idle connections kept per thread and route; more are closed when their answer is done.
 const MAX_IDLE: usize = 256;
@@ -51,11 +57,36 @@ struct Target {
     label: &'static str,
 }
 
-type Pool = Arc<Mutex<Vec<Idle>>>;
+/// One route's idle connections on one thread: ours (calls without a body) and hyper's.
+#[derive(Default)]
+struct Idles {
+    own: Mutex<Vec<Idle<h1::Conn>>>,
+    hyper: Mutex<Vec<Idle<SendRequest<Body>>>>,
+}
 
-struct Idle {
-    conn: SendRequest<Body>,
+type Pool = Arc<Idles>;
+
+struct Idle<C> {
+    conn: C,
     since: Instant,
+}
+
+/// What the pool needs to know of a connection.
+trait Link {
+    /// Still open, and nothing unasked-for arrived on it.
+    fn usable(&mut self) -> bool;
+}
+
+impl Link for SendRequest<Body> {
+    fn usable(&mut self) -> bool {
+        !self.is_closed()
+    }
+}
+
+impl Link for h1::Conn {
+    fn usable(&mut self) -> bool {
+        self.is_usable()
+    }
 }
 
 /// Why a request did not get an answer from the API.
@@ -65,6 +96,8 @@ pub enum UpstreamError {
     Connect(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error(transparent)]
     Http(#[from] hyper::Error),
+    #[error(transparent)]
+    Wire(#[from] h1::Error),
     #[error("the route has no upstream")]
     NoRoute,
 }
@@ -136,8 +169,14 @@ impl Upstreams {
             .get(i)
             .ok_or(UpstreamError::NoRoute)?;
         req.headers_mut().insert(header::HOST, target.host.clone());
+        if bodiless(&req) {
+            let head = h1::encode_head(req.method(), req.uri(), req.headers());
+            return self
+                .send_own(target, pool, &head, req.method().clone())
+                .await;
+        }
         loop {
-            let (mut conn, reused) = match take(pool) {
+            let (mut conn, reused) = match take(&pool.hyper) {
                 Some(c) => (c, true),
                 // Boxed: connecting (TCP, maybe TLS) makes a large future, and it is rare; inline,
                 // every call's future would carry (and move) it.
@@ -150,7 +189,7 @@ impl Upstreams {
                 return Err(e.into());
             }
             match conn.try_send_request(req).await {
-                Ok(resp) => return Ok(resp.map(|body| UpstreamBody::new(body, conn, pool))),
+                Ok(resp) => return Ok(resp.map(|body| UpstreamBody::hyper(body, conn, pool))),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if reused => req = unsent,
                     _ => return Err(e.into_error().into()),
@@ -159,14 +198,45 @@ impl Upstreams {
         }
     }
 
-    /// A new connection to `target`, driven by a task on this thread's runtime.
-    async fn connect(&self, target: &Target) -> Result<SendRequest<Body>, UpstreamError> {
-        let io = self
-            .connector
+    /// A call without a body, on our own connection. On a pooled connection that turns out
+    /// closed, the request goes again on another only when it did not go out whole, or when it
+    /// is safe (GET, HEAD, OPTIONS) and the API closed without answering a byte: the race of a
+    /// keep-alive connection closed by the API just as the request went (RFC 9112 §9.3.1).
+    async fn send_own(
+        &self,
+        target: &Target,
+        pool: &Pool,
+        head: &[u8],
+        method: http::Method,
+    ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
+        loop {
+            let (mut conn, reused) = match take(&pool.own) {
+                Some(c) => (c, true),
+                None => (h1::Conn::new(Box::pin(self.dial(target)).await?), false),
+            };
+            match conn.exchange(head, &method).await {
+                Ok((resp, framing, keep)) => {
+                    let answer = h1::Answer::new(conn, framing, keep);
+                    return Ok(resp.map(|()| UpstreamBody::own(answer, pool)));
+                }
+                Err(f) if f.retry && reused => continue,
+                Err(f) => return Err(f.error.into()),
+            }
+        }
+    }
+
+    /// A new TCP (and maybe TLS) connection to `target`.
+    async fn dial(&self, target: &Target) -> Result<MaybeHttps, UpstreamError> {
+        self.connector
             .clone()
             .oneshot(target.origin.clone())
             .await
-            .map_err(UpstreamError::Connect)?;
+            .map_err(UpstreamError::Connect)
+    }
+
+    /// A new connection to `target`, driven by a task on this thread's runtime.
+    async fn connect(&self, target: &Target) -> Result<SendRequest<Body>, UpstreamError> {
+        let io = self.dial(target).await?;
         let (conn, driver) = http1::handshake(io).await?;
         tokio::spawn(async move {
             if let Err(e) = driver.await {
@@ -177,28 +247,36 @@ impl Upstreams {
     }
 }
 
-/// The newest idle connection of `pool` that is still open and young enough.
-fn take(pool: &Pool) -> Option<SendRequest<Body>> {
-    let mut idle = pool.lock().ok()?;
+/// Whether `req` has no body: it can go on our own connection ([`h1`]).
+fn bodiless(req: &http::Request<Body>) -> bool {
+    hyper::body::Body::is_end_stream(req.body())
+        && !req.headers().contains_key(header::TRANSFER_ENCODING)
+        && req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_none_or(|v| v.as_bytes() == b"0")
+}
+
+/// The newest idle connection of `idle` that is still usable and young enough.
+fn take<C: Link>(idle: &Mutex<Vec<Idle<C>>>) -> Option<C> {
+    let mut idle = idle.lock().ok()?;
     let now = Instant::now();
-    while let Some(i) = idle.pop() {
-        if !i.conn.is_closed() && now.saturating_duration_since(i.since) < IDLE_TIMEOUT {
+    while let Some(mut i) = idle.pop() {
+        if now.saturating_duration_since(i.since) < IDLE_TIMEOUT && i.conn.usable() {
             return Some(i.conn);
         }
     }
     None
 }
 
-/// Back into `pool` once its answer has been read; the oldest idle one goes when it is stale.
-fn put_back(pool: &Pool, conn: SendRequest<Body>) {
-    if conn.is_closed() {
-        return;
-    }
-    let Ok(mut idle) = pool.lock() else { return };
+/// Back into `idle` once its answer has been read; the oldest idle one goes when it is stale.
+fn put_back<C>(idle: &Mutex<Vec<Idle<C>>>, conn: C) {
+    let Ok(mut idle) = idle.lock() else { return };
     let now = Instant::now();
-    if idle.first().is_some_and(|o| {
-        o.conn.is_closed() || now.saturating_duration_since(o.since) >= IDLE_TIMEOUT
-    }) {
+    if idle
+        .first()
+        .is_some_and(|o| now.saturating_duration_since(o.since) >= IDLE_TIMEOUT)
+    {
         idle.remove(0);
     }
     if idle.len() < MAX_IDLE {
@@ -208,55 +286,98 @@ fn put_back(pool: &Pool, conn: SendRequest<Body>) {
 
 /// An API's response body, streamed as it comes; when it has been read to the end, its
 /// connection goes back to the pool. Dropped before the end, the connection is closed.
-pub struct UpstreamBody {
-    inner: Incoming,
-    back: Option<(SendRequest<Body>, Pool)>,
+pub struct UpstreamBody(Answer);
+
+enum Answer {
+    Hyper {
+        inner: Incoming,
+        back: Option<(SendRequest<Body>, Pool)>,
+    },
+    Own {
+        answer: h1::Answer,
+        pool: Option<Pool>,
+    },
 }
 
 impl UpstreamBody {
-    fn new(inner: Incoming, conn: SendRequest<Body>, pool: &Pool) -> Self {
-        let mut body = Self {
+    fn hyper(inner: Incoming, conn: SendRequest<Body>, pool: &Pool) -> Self {
+        let mut body = Self(Answer::Hyper {
             inner,
             back: Some((conn, pool.clone())),
-        };
-        if hyper::body::Body::is_end_stream(&body.inner) {
-            body.release();
-        }
+        });
+        body.release();
         body
     }
 
+    fn own(answer: h1::Answer, pool: &Pool) -> Self {
+        let mut body = Self(Answer::Own {
+            answer,
+            pool: Some(pool.clone()),
+        });
+        body.release();
+        body
+    }
+
+    /// Gives the connection back once the body is complete.
     fn release(&mut self) {
-        if let Some((conn, pool)) = self.back.take() {
-            put_back(&pool, conn);
+        match &mut self.0 {
+            Answer::Hyper { inner, back } => {
+                if hyper::body::Body::is_end_stream(inner) {
+                    if let Some((conn, pool)) = back.take() {
+                        if !conn.is_closed() {
+                            put_back(&pool.hyper, conn);
+                        }
+                    }
+                }
+            }
+            Answer::Own { answer, pool } => {
+                if answer.is_end_stream() {
+                    if let (Some(conn), Some(pool)) = (answer.take_idle(), pool.take()) {
+                        put_back(&pool.own, conn);
+                    }
+                }
+            }
         }
     }
 }
 
 impl hyper::body::Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = UpstreamError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => self.release(),
-            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
-            // A broken answer: its connection is not used again.
-            Poll::Ready(Some(Err(_))) => self.back = None,
-            _ => {}
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
+        let polled = match &mut self.0 {
+            Answer::Hyper { inner, back } => {
+                let polled = Pin::new(inner).poll_frame(cx);
+                // A broken answer: its connection is not used again.
+                if let Poll::Ready(Some(Err(_))) = &polled {
+                    *back = None;
+                }
+                polled.map_err(UpstreamError::from)
+            }
+            Answer::Own { answer, .. } => answer.poll_frame(cx).map_err(UpstreamError::from),
+        };
+        if polled.is_ready() {
+            self.release();
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.0 {
+            Answer::Hyper { inner, .. } => inner.is_end_stream(),
+            Answer::Own { answer, .. } => answer.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.0 {
+            Answer::Hyper { inner, .. } => inner.size_hint(),
+            Answer::Own { answer, .. } => answer.size_hint(),
+        }
     }
 }
 
@@ -370,5 +491,194 @@ mod tests {
         assert_eq!(hosts, ["up:3000", "api.example.com", "[::1]:8080"]);
         assert_eq!(u.targets[1].origin, "https://api.example.com");
         assert_eq!(u.label(&u.routes[2]), "/api");
+    }
+
+    /// How the scripted API of [`scripted`] treats its n-th request (over all connections).
+    #[derive(Clone, Copy)]
+    enum Script {
+        /// Writes this and waits for the next request on the connection.
+        Reply(&'static str),
+        /// Writes this and closes the connection.
+        ReplyThenClose(&'static str),
+        /// Closes the connection without a byte.
+        Close,
+    }
+
+    /// An API on 127.0.0.1 following `script`; the requests it read, each with the number of
+    /// the connection it came on.
+    async fn scripted(
+        script: Vec<Script>,
+    ) -> (String, std::sync::Arc<Mutex<Vec<(usize, String)>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let script = std::sync::Arc::new(script);
+        let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        tokio::spawn(async move {
+            let mut conns = 0;
+            while let Ok((mut s, _)) = listener.accept().await {
+                conns += 1;
+                let (id, log, script, next) = (conns, log.clone(), script.clone(), next.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let mut chunk = [0u8; 4096];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").expect("end") + 4;
+                        let head: Vec<u8> = buf.drain(..end).collect();
+                        log.lock()
+                            .expect("log")
+                            .push((id, String::from_utf8_lossy(&head).into_owned()));
+                        let n = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        match script.get(n).copied().unwrap_or(Script::Close) {
+                            Script::Reply(r) => {
+                                if s.write_all(r.as_bytes()).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Script::ReplyThenClose(r) => {
+                                let _ = s.write_all(r.as_bytes()).await;
+                                return;
+                            }
+                            Script::Close => return,
+                        }
+                    }
+                });
+            }
+        });
+        (url, seen)
+    }
+
+    async fn call(u: &Upstreams, method: &str, path: &str) -> Result<(u16, String), UpstreamError> {
+        use http_body_util::BodyExt;
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("x-call", path)
+            .body(Body::empty())
+            .expect("request");
+        let resp = u.send(&u.routes[0], req).await?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+
+    fn conns(seen: &Mutex<Vec<(usize, String)>>) -> Vec<usize> {
+        seen.lock().expect("seen").iter().map(|(c, _)| *c).collect()
+    }
+
+    #[tokio::test]
+    async fn calls_without_a_body_reuse_a_connection_only_after_a_cleanly_framed_answer() {
+        let (url, seen) = scripted(vec![
+            Script::Reply("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+            Script::Reply("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\nT: 1\r\n\r\n"),
+            // Bytes after the framed body: that connection is not used again.
+            Script::Reply("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"),
+            Script::Reply("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nfresh"),
+            Script::Reply("HTTP/1.1 204 No Content\r\n\r\n"),
+            Script::Reply("HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n"),
+            Script::ReplyThenClose("HTTP/1.1 200 OK\r\n\r\nuntil the end"),
+        ])
+        .await;
+        let u = Upstreams::new(&[route(&url, false)]).expect("upstreams");
+        assert_eq!(call(&u, "GET", "/a").await.expect("a"), (200, "ok".into()));
+        assert_eq!(
+            call(&u, "GET", "/b").await.expect("b"),
+            (200, "abcde".into())
+        );
+        assert_eq!(call(&u, "GET", "/c").await.expect("c"), (200, "ok".into()));
+        assert_eq!(
+            call(&u, "GET", "/d").await.expect("d"),
+            (200, "fresh".into())
+        );
+        assert_eq!(
+            call(&u, "DELETE", "/e").await.expect("e"),
+            (204, String::new())
+        );
+        assert_eq!(
+            call(&u, "HEAD", "/f").await.expect("f"),
+            (200, String::new())
+        );
+        assert_eq!(
+            call(&u, "GET", "/g").await.expect("g"),
+            (200, "until the end".into())
+        );
+        // a, b and c on the first connection; d on a new one (c's was spoiled); e, f on a new
+        // one (d's said close); g on it too (HEAD's answer has no body).
+        assert_eq!(conns(&seen), [1, 1, 1, 2, 3, 3, 3]);
+        let heads: Vec<String> = seen
+            .lock()
+            .expect("seen")
+            .iter()
+            .map(|(_, h)| h.clone())
+            .collect();
+        assert!(heads[0].starts_with("GET /a HTTP/1.1\r\n"), "{}", heads[0]);
+        assert!(heads[0].contains("\r\nhost: 127.0.0.1:"), "{}", heads[0]);
+        assert!(!heads[4].contains("content-length"), "{}", heads[4]);
+    }
+
+    #[tokio::test]
+    async fn a_safe_call_goes_again_when_a_pooled_connection_closes_unanswered() {
+        let (url, seen) = scripted(vec![
+            Script::Reply("HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n1"),
+            // The API drops the kept-alive connection just as the next request arrives.
+            Script::Close,
+            Script::Reply("HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n2"),
+            Script::Close,
+        ])
+        .await;
+        let u = Upstreams::new(&[route(&url, false)]).expect("upstreams");
+        assert_eq!(call(&u, "GET", "/a").await.expect("a"), (200, "1".into()));
+        assert_eq!(call(&u, "GET", "/b").await.expect("b"), (200, "2".into()));
+        assert_eq!(conns(&seen), [1, 1, 2]);
+        // An unsafe one is not sent twice: the API may have acted on it.
+        let post = call(&u, "POST", "/c").await;
+        assert!(
+            matches!(post, Err(UpstreamError::Wire(h1::Error::Closed))),
+            "{post:?}"
+        );
+        let heads: Vec<String> = seen
+            .lock()
+            .expect("seen")
+            .iter()
+            .map(|(_, h)| h.clone())
+            .collect();
+        assert_eq!(heads.len(), 4);
+        assert!(heads[3].starts_with("POST /c HTTP/1.1\r\n"), "{}", heads[3]);
+        assert!(
+            heads[3].contains("\r\ncontent-length: 0\r\n"),
+            "{}",
+            heads[3]
+        );
+    }
+
+    #[tokio::test]
+    async fn malformed_answers_fail_and_their_connection_is_not_used_again() {
+        let (url, seen) = scripted(vec![
+            Script::Reply(
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 40\r\n\r\nhello",
+            ),
+            Script::Reply(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZ\r\n",
+            ),
+            Script::ReplyThenClose("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"),
+            Script::Reply("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+        ])
+        .await;
+        let u = Upstreams::new(&[route(&url, false)]).expect("upstreams");
+        assert!(call(&u, "GET", "/a").await.is_err());
+        assert!(call(&u, "GET", "/b").await.is_err());
+        assert!(call(&u, "GET", "/c").await.is_err());
+        assert_eq!(call(&u, "GET", "/d").await.expect("d"), (200, "ok".into()));
+        assert_eq!(conns(&seen), [1, 2, 3, 4]);
     }
 }
