@@ -103,19 +103,28 @@ pub enum UpstreamError {
 }
 
 fn connector() -> anyhow::Result<HttpsConnector> {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(Duration::from_secs(5)));
     Ok(hyper_rustls::HttpsConnectorBuilder::new()
         .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
         .https_or_http()
         .enable_http1()
-        .wrap_connector(http))
+        .wrap_connector(tcp_connector()))
+}
+
+fn tcp_connector() -> HttpConnector {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_secs(5)));
+    http
 }
 
 impl Upstreams {
     pub fn new(routes: &[RouteConfig]) -> anyhow::Result<Self> {
+        // Built once here so that a TLS set-up problem stops start-up, not the first request.
+        Self::with_connector(routes, connector()?)
+    }
+
+    fn with_connector(routes: &[RouteConfig], connector: HttpsConnector) -> anyhow::Result<Self> {
         let targets = routes
             .iter()
             .map(|r| {
@@ -130,8 +139,7 @@ impl Upstreams {
         Ok(Self {
             routes: routes.to_vec(),
             targets,
-            // Built once here so that a TLS set-up problem stops start-up, not the first request.
-            connector: connector()?,
+            connector,
             pools: thread_local::ThreadLocal::new(),
         })
     }
@@ -680,5 +688,112 @@ mod tests {
         assert!(call(&u, "GET", "/c").await.is_err());
         assert_eq!(call(&u, "GET", "/d").await.expect("d"), (200, "ok".into()));
         assert_eq!(conns(&seen), [1, 2, 3, 4]);
+    }
+
+    #[tokio::test]
+    async fn an_https_api_is_read_the_same_way_and_its_connection_reused() {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = std::env::temp_dir().join(format!("tg-upstream-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let made = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+            ])
+            .args([
+                "-nodes", "-keyout", "key.pem", "-out", "cert.pem", "-days", "2",
+            ])
+            .args([
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ])
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .current_dir(&dir)
+            .output()
+            .expect("the openssl CLI runs");
+        assert!(
+            made.status.success(),
+            "{}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+        let cert = CertificateDer::from_pem_file(dir.join("cert.pem")).expect("cert");
+        let key = PrivateKeyDer::from_pem_file(dir.join("key.pem")).expect("key");
+        let _ = std::fs::remove_dir_all(&dir);
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(server));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut s) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let (mut buf, mut n) = (Vec::new(), 0);
+                    loop {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                        }
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            n += 1;
+                            let answer = if n % 2 == 1 {
+                                format!("HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nreply{n}")
+                            } else {
+                                format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nreply{n}\r\n0\r\n\r\n")
+                            };
+                            if s.write_all(answer.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).expect("root");
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(client)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(tcp_connector());
+        let u = Upstreams::with_connector(&[route(&format!("https://{addr}"), false)], connector)
+            .expect("upstreams");
+        for n in 1..=4 {
+            let got = call(&u, "GET", &format!("/{n}")).await.expect("answer");
+            assert_eq!(got, (200, format!("reply{n}")));
+        }
+        assert_eq!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "one TLS connection for all"
+        );
     }
 }
