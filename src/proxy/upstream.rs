@@ -584,6 +584,14 @@ mod tests {
         seen.lock().expect("seen").iter().map(|(c, _)| *c).collect()
     }
 
+    fn heads(seen: &Mutex<Vec<(usize, String)>>) -> Vec<String> {
+        seen.lock()
+            .expect("seen")
+            .iter()
+            .map(|(_, h)| h.clone())
+            .collect()
+    }
+
     #[tokio::test]
     async fn calls_without_a_body_reuse_a_connection_only_after_a_cleanly_framed_answer() {
         let (url, seen) = scripted(vec![
@@ -623,12 +631,7 @@ mod tests {
         // a, b and c on the first connection; d on a new one (c's was spoiled); e, f on a new
         // one (d's said close); g on it too (HEAD's answer has no body).
         assert_eq!(conns(&seen), [1, 1, 1, 2, 3, 3, 3]);
-        let heads: Vec<String> = seen
-            .lock()
-            .expect("seen")
-            .iter()
-            .map(|(_, h)| h.clone())
-            .collect();
+        let heads = heads(&seen);
         assert!(heads[0].starts_with("GET /a HTTP/1.1\r\n"), "{}", heads[0]);
         assert!(heads[0].contains("\r\nhost: 127.0.0.1:"), "{}", heads[0]);
         assert!(!heads[4].contains("content-length"), "{}", heads[4]);
@@ -654,12 +657,7 @@ mod tests {
             matches!(post, Err(UpstreamError::Wire(h1::Error::Closed))),
             "{post:?}"
         );
-        let heads: Vec<String> = seen
-            .lock()
-            .expect("seen")
-            .iter()
-            .map(|(_, h)| h.clone())
-            .collect();
+        let heads = heads(&seen);
         assert_eq!(heads.len(), 4);
         assert!(heads[3].starts_with("POST /c HTTP/1.1\r\n"), "{}", heads[3]);
         assert!(
