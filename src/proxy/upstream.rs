@@ -339,6 +339,8 @@ impl UpstreamBody {
                 }
             }
             Answer::Own { answer, pool } => {
+                // Checked first: `pool.take()` below runs even when `take_idle` gives nothing,
+                // and a body that has not ended must keep its way back to the pool.
                 if answer.is_end_stream() {
                     if let (Some(conn), Some(pool)) = (answer.take_idle(), pool.take()) {
                         put_back(&pool.own, conn);
