@@ -7,7 +7,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 
-use axum::body::Body;
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -46,10 +45,9 @@ impl App {
     /// Answers one request from `peer`.
     pub fn call(
         &self,
-        req: http::Request<hyper::body::Incoming>,
+        mut req: Request,
         peer: SocketAddr,
     ) -> Pin<Box<dyn Future<Output = Response> + Send>> {
-        let mut req = req.map(Body::new);
         if is_api_call(&self.state, req.uri().path()) {
             let state = self.state.clone();
             return Box::pin(async move {

@@ -1,6 +1,8 @@
 //! The listener loop: accepts connections under a connection limit, serves HTTP/1.1 with a
 //! header-read timeout (slowloris) and a bounded header size, and on shutdown stops accepting,
-//! lets in-flight requests finish within `server.shutdown_timeout_s`, then returns.
+//! lets in-flight requests finish within `server.shutdown_timeout_s`, then returns. Requests
+//! without a body are read and answered by our own loop ([`h1`]); from the first request with a
+//! body (or anything else that loop leaves alone), hyper serves the connection.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -11,13 +13,14 @@ use std::time::Duration;
 use axum::Router;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::app::App;
+
+mod h1;
 
 /// Limits applied per connection.
 #[derive(Debug, Clone)]
@@ -177,12 +180,18 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let permits = Arc::clone(&limits.connections);
-    let graceful = GracefulShutdown::new();
+    // Every connection holds a receiver: true asks it to close once idle, and the sender sees
+    // when the last one is gone.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let settings = h1::Settings {
+        header_read_timeout: limits.header_read_timeout,
+        max_head: max_head(&limits),
+    };
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         // hyper answers 431 itself beyond this; the app checks a tighter limit with a JSON body.
-        .max_buf_size(limits.max_header_bytes.saturating_mul(2).max(8192))
+        .max_buf_size(max_head(&limits))
         .keep_alive(true);
     tokio::pin!(shutdown);
     let mut drain_started: Option<tokio::time::Instant> = None;
@@ -256,28 +265,19 @@ pub async fn run(
         };
         let app = app.clone();
         let life = Arc::clone(&lifecycle);
-        let svc = tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            let guard = InFlight::new(&life);
-            let call = app.call(req, peer);
-            async move {
-                let resp = call.await;
-                drop(guard);
-                Ok::<_, std::convert::Infallible>(resp)
-            }
-        });
-        let io = SharedStream::new(stream);
-        let late = io.clone();
-        let conn = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(svc));
-        let conn = graceful.watch(conn);
+        let http = http.clone();
+        let mut stop = stop_rx.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
-                // hyper gives up on a request head that is too slow by closing the connection;
-                // a client that had started one is told why (an idle keep-alive one is not).
-                if e.is_timeout() && late.request_started() {
-                    late.answer_and_close(REQUEST_TIMEOUT).await;
+            let handle = move |req: http::Request<axum::body::Body>| {
+                let guard = InFlight::new(&life);
+                let call = app.call(req, peer);
+                async move {
+                    let resp = call.await;
+                    drop(guard);
+                    resp
                 }
-            }
+            };
+            connection(stream, peer, settings, &http, &mut stop, handle).await;
             drop(permit);
             drop(assigned);
         });
@@ -289,16 +289,71 @@ pub async fn run(
         .shutdown_timeout
         .saturating_sub(spent)
         .max(Duration::from_millis(100));
-    if tokio::time::timeout(left, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    drop(stop_rx);
+    stop_tx.send_replace(true);
+    if tokio::time::timeout(left, stop_tx.closed()).await.is_err() {
         tracing::warn!(
             timeout_s = limits.shutdown_timeout.as_secs(),
             "in-flight requests did not finish in time"
         );
     }
     Ok(())
+}
+
+/// The most a request head may take before hyper (431) and our own loop give up on it.
+fn max_head(limits: &Limits) -> usize {
+    limits.max_header_bytes.saturating_mul(2).max(8192)
+}
+
+/// One connection, from accept to close: our own loop ([`h1`]) serves its requests without a
+/// body; from the first request it leaves to hyper, hyper serves the rest.
+async fn connection<F, Fut>(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    settings: h1::Settings,
+    http: &http1::Builder,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+    handle: F,
+) where
+    F: Fn(http::Request<axum::body::Body>) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = axum::response::Response> + Send + 'static,
+{
+    let stream = match h1::serve(stream, settings, stop, &handle).await {
+        h1::Ended::Closed => return,
+        h1::Ended::TimedOut(stream) => {
+            return SharedStream::new(stream, bytes::BytesMut::new())
+                .answer_and_close(REQUEST_TIMEOUT)
+                .await;
+        }
+        h1::Ended::HandOver(stream, unread) => SharedStream::new(stream, unread),
+    };
+    let svc = tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let answer = handle(req.map(axum::body::Body::new));
+        async move { Ok::<_, std::convert::Infallible>(answer.await) }
+    });
+    let late = stream.clone();
+    let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
+    tokio::pin!(conn);
+    let ended = tokio::select! {
+        ended = conn.as_mut() => ended,
+        () = stopped(stop) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(error = %e, %peer, "connection ended with an error");
+        // hyper gives up on a request head that is too slow by closing the connection; a client
+        // that had started one is told why (an idle keep-alive one is not).
+        if e.is_timeout() && late.request_started() {
+            late.answer_and_close(REQUEST_TIMEOUT).await;
+        }
+    }
+}
+
+/// Resolves once `stop` is true (or its sender is gone).
+async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
 }
 
 /// The next connection another worker handed to this one (never, without a spread).
@@ -311,7 +366,9 @@ async fn handed_over(worker: &mut Option<Worker>) -> Option<(std::net::TcpStream
 
 /// Over the connection limit: a short 503 and close, without reading the request.
 async fn refuse(stream: tokio::net::TcpStream) {
-    SharedStream::new(stream).answer_and_close(OVERLOADED).await;
+    SharedStream::new(stream, bytes::BytesMut::new())
+        .answer_and_close(OVERLOADED)
+        .await;
 }
 
 /// A canned answer written outside hyper: status line and JSON body.
@@ -340,16 +397,32 @@ struct SharedStream(Arc<SharedInner>);
 
 struct SharedInner {
     stream: std::sync::Mutex<tokio::net::TcpStream>,
+    /// Bytes our own loop read and did not answer: read before the socket.
+    unread: std::sync::Mutex<bytes::BytesMut>,
     /// Bytes arrived since the last answer was written: a request (head) is under way.
     started: AtomicBool,
 }
 
 impl SharedStream {
-    fn new(stream: tokio::net::TcpStream) -> Self {
+    fn new(stream: tokio::net::TcpStream, unread: bytes::BytesMut) -> Self {
         Self(Arc::new(SharedInner {
             stream: std::sync::Mutex::new(stream),
-            started: AtomicBool::new(false),
+            started: AtomicBool::new(!unread.is_empty()),
+            unread: std::sync::Mutex::new(unread),
         }))
+    }
+
+    /// Moves bytes read before hyper took the connection into `buf`; false when none are left.
+    fn take_unread(&self, buf: &mut tokio::io::ReadBuf<'_>) -> bool {
+        let Ok(mut unread) = self.0.unread.lock() else {
+            return false;
+        };
+        if unread.is_empty() {
+            return false;
+        }
+        let n = unread.len().min(buf.remaining());
+        buf.put_slice(&unread.split_to(n));
+        true
     }
 
     fn request_started(&self) -> bool {
@@ -388,6 +461,9 @@ impl tokio::io::AsyncRead for SharedStream {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        if self.take_unread(buf) {
+            return std::task::Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let r = self.with_stream(|s| s.poll_read(cx, buf));
         if matches!(r, std::task::Poll::Ready(Ok(()))) && buf.filled().len() > before {
@@ -493,6 +569,92 @@ mod tests {
         s.closed(2);
         assert_eq!(s.assign(0), 2);
         assert_eq!(counts(&workers[0]), [3, 3, 1]);
+    }
+
+    /// One answer with a `Content-Length` from `client`: its status line and body.
+    async fn one_answer(
+        client: &mut tokio::net::TcpStream,
+        pending: &mut Vec<u8>,
+    ) -> (String, String) {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .and_then(|n| n.parse().ok())
+                    .expect("content-length");
+                if pending.len() >= end + 4 + length {
+                    let body =
+                        String::from_utf8_lossy(&pending[end + 4..end + 4 + length]).into_owned();
+                    pending.drain(..end + 4 + length);
+                    let status = head.lines().next().unwrap_or_default().to_string();
+                    return (status, body);
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = client.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "closed mid-answer");
+            pending.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    #[tokio::test]
+    async fn hyper_takes_over_at_the_first_request_with_a_body_and_stops_gracefully() {
+        use http_body_util::BodyExt;
+        use tokio::io::AsyncReadExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, peer) = listener.accept().await.expect("accept");
+        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+        let handle = |req: http::Request<axum::body::Body>| async move {
+            let method = req.method().clone();
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            axum::response::Response::new(axum::body::Body::from(format!(
+                "{method} {}",
+                String::from_utf8_lossy(&body)
+            )))
+        };
+        let mut http = http1::Builder::new();
+        http.timer(TokioTimer::new());
+        let settings = h1::Settings {
+            header_read_timeout: Duration::from_secs(10),
+            max_head: 8192,
+        };
+        let task = tokio::spawn(async move {
+            connection(server, peer, settings, &http, &mut stop_rx, handle).await;
+        });
+        // Served by our loop, then a body: hyper reads it (with the bytes our loop had read).
+        client
+            .write_all(b"GET /a HTTP/1.1\r\n\r\nPOST /b HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc")
+            .await
+            .expect("write");
+        let mut pending = Vec::new();
+        assert_eq!(one_answer(&mut client, &mut pending).await.1, "GET ");
+        let (status, body) = one_answer(&mut client, &mut pending).await;
+        assert_eq!(status, "http/1.1 200 ok");
+        assert_eq!(body, "POST abc");
+        // hyper keeps the connection: chunked upload, then a bodiless request.
+        client
+            .write_all(b"PUT /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nxy\r\n0\r\n\r\nGET /d HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        assert_eq!(one_answer(&mut client, &mut pending).await.1, "PUT xy");
+        assert_eq!(one_answer(&mut client, &mut pending).await.1, "GET ");
+        // Stop: the idle connection is closed.
+        stop_tx.send_replace(true);
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.expect("read to end");
+        assert!(rest.is_empty());
+        task.await.expect("connection task");
     }
 
     #[tokio::test]

@@ -1,0 +1,878 @@
+//! Our own HTTP/1.1 server side for the request nearly every browser call is: one without a body
+//! (GET, HEAD, DELETE… or `Content-Length: 0`). The connection's task reads the head, calls the
+//! app and writes the answer itself, with no dispatcher between them. hyper's server cost ~13,000
+//! instructions per proxied call (a quarter of the whole): parsing into its own buffers, a
+//! dispatcher polling the service, the encoder and its write queue.
+//!
+//! Everything else goes to hyper, for the rest of the connection, with every byte read and not yet
+//! answered ([`Ended::HandOver`]): a request with a body (`Transfer-Encoding`, or a
+//! `Content-Length` other than one `0`), `Expect`, `Upgrade`, HTTP/1.0, `CONNECT`, a target that
+//! is not origin-form, and any head that httparse refuses, with more than 100 fields or that
+//! outgrows the size limit (hyper then answers 400 or 431 as it always did). So where a request
+//! body ends — where request smuggling lives — is decided by hyper alone; a request served here
+//! ends where its head ends.
+
+use std::future::Future;
+use std::mem::MaybeUninit;
+use std::time::{Duration, SystemTime};
+
+use axum::body::Body;
+use bytes::BytesMut;
+use futures_util::FutureExt;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Body as _;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Fields per request head, as hyper.
+const MAX_FIELDS: usize = 100;
+/// Read buffer: what one read asks for at least.
+const READ: usize = 8 * 1024;
+/// Answer bytes gathered before a write; larger body chunks are written as they come.
+const GATHER: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Settings {
+    /// A request head must arrive within this (from when the connection waits for it).
+    pub header_read_timeout: Duration,
+    /// A head not complete within this many bytes goes to hyper (which answers 431).
+    pub max_head: usize,
+}
+
+/// How a connection left this loop.
+#[derive(Debug)]
+pub(super) enum Ended {
+    /// Closed: by the client, after an answer that closes it, on shutdown, or on an I/O error.
+    Closed,
+    /// The header-read timeout struck with part of a request head received (answer 408).
+    TimedOut(TcpStream),
+    /// A request this loop does not serve: hyper serves the connection from here on, starting
+    /// with these bytes (the unanswered request and whatever followed it).
+    HandOver(TcpStream, BytesMut),
+}
+
+/// Serves requests on `stream` until it closes, times out, must go to hyper, or `stop` turns
+/// true while it is idle. `handle` answers each request.
+pub(super) async fn serve<F, Fut>(
+    mut stream: TcpStream,
+    settings: Settings,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+    mut handle: F,
+) -> Ended
+where
+    F: FnMut(Request<Body>) -> Fut,
+    Fut: Future<Output = Response<Body>>,
+{
+    let mut buf = BytesMut::with_capacity(READ);
+    let mut out = Vec::new();
+    let deadline = tokio::time::sleep(settings.header_read_timeout);
+    tokio::pin!(deadline);
+    // One wait for the stop signal for the connection's life (registered once, not per request).
+    let stopping = super::stopped(stop);
+    tokio::pin!(stopping);
+    loop {
+        let mut armed = false;
+        let (request, close) = loop {
+            match parse(&mut buf) {
+                Head::Serve(request, close) => break (request, close),
+                Head::HandOver => return Ended::HandOver(stream, buf),
+                Head::Incomplete => {}
+            }
+            if buf.len() >= settings.max_head {
+                return Ended::HandOver(stream, buf);
+            }
+            if !armed {
+                deadline
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + settings.header_read_timeout);
+                armed = true;
+            }
+            if buf.capacity() - buf.len() < READ / 8 {
+                buf.reserve(READ);
+            }
+            let idle = buf.is_empty();
+            tokio::select! {
+                biased;
+                read = stream.read_buf(&mut buf) => match read {
+                    Ok(0) | Err(_) => return Ended::Closed,
+                    Ok(_) => {}
+                },
+                () = &mut deadline => {
+                    return if idle { Ended::Closed } else { Ended::TimedOut(stream) };
+                }
+                () = &mut stopping, if idle => return Ended::Closed,
+            }
+        };
+        let head_request = request.method() == Method::HEAD;
+        let response = handle(request).await;
+        let keep = write_answer(&mut stream, &mut out, response, head_request, close).await;
+        if !keep || stopping.as_mut().now_or_never().is_some() {
+            let _ = stream.shutdown().await;
+            return Ended::Closed;
+        }
+    }
+}
+
+// Returned once per request and taken apart at once: boxing the request would cost an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Head {
+    /// A complete head this loop serves (taken out of the buffer), and whether the client asked
+    /// to close the connection after it.
+    Serve(Request<Body>, bool),
+    /// For hyper: the buffer is as it was.
+    HandOver,
+    /// More bytes are needed.
+    Incomplete,
+}
+
+/// The request head at the start of `buf`.
+fn parse(buf: &mut BytesMut) -> Head {
+    if buf.is_empty() {
+        return Head::Incomplete;
+    }
+    let mut fields = [const { MaybeUninit::uninit() }; MAX_FIELDS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut parsed,
+        buf,
+        &mut fields,
+    ) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Head::Incomplete,
+        Err(_) => return Head::HandOver,
+    };
+    let (Some(method), Some(path), Some(1)) = (parsed.method, parsed.path, parsed.version) else {
+        return Head::HandOver;
+    };
+    if !path.starts_with('/') || method == "CONNECT" {
+        return Head::HandOver;
+    }
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+        return Head::HandOver;
+    };
+    // Each name, and where its value is in `buf`: the values (and the target) then share its
+    // memory once it is frozen, with no copy each.
+    let base = buf.as_ptr() as usize;
+    let mut close = false;
+    let mut length = false;
+    let mut named = Vec::with_capacity(parsed.headers.len());
+    for f in parsed.headers.iter() {
+        let Ok(name) = HeaderName::from_bytes(f.name.as_bytes()) else {
+            return Head::HandOver;
+        };
+        if name == header::TRANSFER_ENCODING || name == header::EXPECT || name == header::UPGRADE {
+            return Head::HandOver;
+        }
+        if name == header::CONTENT_LENGTH {
+            if length || f.value != b"0" {
+                return Head::HandOver;
+            }
+            length = true;
+        }
+        if name == header::CONNECTION && has_close(f.value) {
+            close = true;
+        }
+        let start = f.value.as_ptr() as usize - base;
+        named.push((name, start, start + f.value.len()));
+    }
+    let target = path.as_ptr() as usize - base;
+    let target = target..target + path.len();
+    let head = buf.split_to(len).freeze();
+    let built = http::Uri::from_maybe_shared(head.slice(target))
+        .ok()
+        .and_then(|uri| {
+            let mut headers = HeaderMap::with_capacity(named.len());
+            for (name, start, end) in named {
+                headers.append(
+                    name,
+                    HeaderValue::from_maybe_shared(head.slice(start..end)).ok()?,
+                );
+            }
+            let mut request = Request::new(Body::empty());
+            *request.method_mut() = method;
+            *request.uri_mut() = uri;
+            *request.headers_mut() = headers;
+            Some(request)
+        });
+    match built {
+        Some(request) => Head::Serve(request, close),
+        None => {
+            // Refused by the types hyper builds too: hyper answers it, from the same bytes.
+            let mut again = BytesMut::with_capacity(head.len() + buf.len());
+            again.extend_from_slice(&head);
+            again.extend_from_slice(buf);
+            *buf = again;
+            Head::HandOver
+        }
+    }
+}
+
+/// True when a `Connection` field value lists `close`.
+fn has_close(value: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+}
+
+/// How the answer's body is delimited on the wire.
+enum Framing {
+    /// No body (HEAD, 1xx, 204, 304).
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// Writes `response`; true when the connection can carry another request.
+async fn write_answer(
+    stream: &mut TcpStream,
+    out: &mut Vec<u8>,
+    response: Response<Body>,
+    head_request: bool,
+    close: bool,
+) -> bool {
+    let (parts, mut body) = response.into_parts();
+    let status = parts.status;
+    let mut headers = parts.headers;
+    let closes = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| has_close(v.as_bytes()));
+    let mut keep = !close && !closes;
+    // A framing of our own choosing: whatever the app set for it is replaced.
+    headers.remove(header::TRANSFER_ENCODING);
+    let no_body_ever = status.is_informational() || status == StatusCode::NO_CONTENT;
+    if no_body_ever {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    let declared = declared_length(&mut headers);
+    let exact = body.size_hint().exact();
+    let mut add_length = None;
+    let framing = if no_body_ever || status == StatusCode::NOT_MODIFIED {
+        Framing::None
+    } else if head_request {
+        if declared.is_none() {
+            add_length = exact;
+        }
+        Framing::None
+    } else if let Some(n) = declared {
+        Framing::Length(n)
+    } else if let Some(n) = exact {
+        add_length = Some(n);
+        Framing::Length(n)
+    } else {
+        Framing::Chunked
+    };
+
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &headers {
+        field(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if let Some(n) = add_length {
+        field(out, b"content-length", n.to_string().as_bytes());
+    }
+    if matches!(framing, Framing::Chunked) {
+        field(out, b"transfer-encoding", b"chunked");
+    }
+    if !headers.contains_key(header::DATE) {
+        date(out);
+    }
+    if !keep && !closes {
+        field(out, b"connection", b"close");
+    }
+    out.extend_from_slice(b"\r\n");
+    drop(headers);
+
+    if !matches!(framing, Framing::None) {
+        let mut sent = 0u64;
+        loop {
+            // Gather while the body has more at once; write what is gathered before waiting.
+            let frame = match body.frame().now_or_never() {
+                Some(frame) => frame,
+                None => {
+                    if !flush(stream, out).await {
+                        return false;
+                    }
+                    body.frame().await
+                }
+            };
+            let data = match frame {
+                None => break,
+                // The body failed (the API went away mid-answer): the client must not take
+                // what it got for the whole answer.
+                Some(Err(_)) => return false,
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if !data.is_empty() => data,
+                    _ => continue,
+                },
+            };
+            sent += data.len() as u64;
+            match framing {
+                Framing::Length(n) if sent > n => return false,
+                Framing::Chunked => {
+                    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                    if !send(stream, out, &data).await {
+                        return false;
+                    }
+                    out.extend_from_slice(b"\r\n");
+                }
+                _ => {
+                    if !send(stream, out, &data).await {
+                        return false;
+                    }
+                }
+            }
+        }
+        match framing {
+            Framing::Length(n) if sent != n => keep = false,
+            Framing::Chunked => out.extend_from_slice(b"0\r\n\r\n"),
+            _ => {}
+        }
+    }
+    flush(stream, out).await && keep
+}
+
+/// One `name: value` line.
+fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The answer's `Content-Length`, when it has one that all its values agree on; other values are
+/// removed (the framing is then ours).
+fn declared_length(headers: &mut HeaderMap) -> Option<u64> {
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    let first = values.next()?;
+    let n = std::str::from_utf8(first.as_bytes())
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok());
+    if n.is_some() && values.all(|v| v == first) {
+        return n;
+    }
+    headers.remove(header::CONTENT_LENGTH);
+    None
+}
+
+/// Appends `data` to what is gathered, or writes both when that grows too large.
+async fn send(stream: &mut TcpStream, out: &mut Vec<u8>, data: &[u8]) -> bool {
+    if out.len() + data.len() <= GATHER {
+        out.extend_from_slice(data);
+        return true;
+    }
+    flush(stream, out).await && stream.write_all(data).await.is_ok()
+}
+
+async fn flush(stream: &mut TcpStream, out: &mut Vec<u8>) -> bool {
+    if out.is_empty() {
+        return true;
+    }
+    let ok = stream.write_all(out).await.is_ok();
+    out.clear();
+    ok
+}
+
+thread_local! {
+    /// The `Date` line of the current second (formatted once a second per thread, as hyper does).
+    static DATE: std::cell::RefCell<(u64, Vec<u8>)> = const { std::cell::RefCell::new((u64::MAX, Vec::new())) };
+}
+
+fn date(out: &mut Vec<u8>) {
+    let now = SystemTime::now();
+    let second = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.0 != second {
+            d.1.clear();
+            field(&mut d.1, b"date", httpdate::fmt_http_date(now).as_bytes());
+            d.0 = second;
+        }
+        out.extend_from_slice(&d.1);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use tokio::sync::watch;
+
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings {
+            header_read_timeout: Duration::from_secs(10),
+            max_head: 8192,
+        }
+    }
+
+    /// A connected pair: the client's end and the server's.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        (client, server)
+    }
+
+    /// Answers `METHOD target` and the `x-echo` values in a body of known length, counting calls.
+    fn echo(
+        calls: &Arc<AtomicUsize>,
+    ) -> impl Fn(Request<Body>) -> std::future::Ready<Response<Body>> {
+        let calls = Arc::clone(calls);
+        move |req: Request<Body>| {
+            calls.fetch_add(1, Ordering::Relaxed);
+            let echoed: Vec<&str> = req
+                .headers()
+                .get_all("x-echo")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            let text = format!("{} {} {}", req.method(), req.uri(), echoed.join("|"));
+            std::future::ready(Response::new(Body::from(text)))
+        }
+    }
+
+    /// Serves `server` with `handle` in a task; its outcome, and the stop switch.
+    fn start<F, Fut>(
+        server: TcpStream,
+        settings: Settings,
+        handle: F,
+    ) -> (tokio::task::JoinHandle<Ended>, watch::Sender<bool>)
+    where
+        F: FnMut(Request<Body>) -> Fut + Send + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let (tx, mut rx) = watch::channel(false);
+        let task = tokio::spawn(async move { serve(server, settings, &mut rx, handle).await });
+        (task, tx)
+    }
+
+    /// One answer from `client`: its head (lower-cased) and body, read by its framing.
+    async fn answer(client: &mut TcpStream, pending: &mut Vec<u8>) -> (String, Vec<u8>) {
+        let end = loop {
+            if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            read_more(client, pending).await;
+        };
+        let head = String::from_utf8(pending.drain(..end).collect())
+            .expect("utf-8 head")
+            .to_ascii_lowercase();
+        let mut body = Vec::new();
+        if head.starts_with("http/1.1 204") || head.starts_with("http/1.1 304") {
+            return (head, body);
+        }
+        if let Some(n) = field_value(&head, "content-length") {
+            let n: usize = n.parse().expect("length");
+            while pending.len() < n {
+                read_more(client, pending).await;
+            }
+            body.extend(pending.drain(..n));
+        } else if field_value(&head, "transfer-encoding") == Some("chunked") {
+            loop {
+                let line = loop {
+                    if let Some(i) = pending.windows(2).position(|w| w == b"\r\n") {
+                        break i;
+                    }
+                    read_more(client, pending).await;
+                };
+                let size = std::str::from_utf8(&pending[..line]).expect("size");
+                let size = usize::from_str_radix(size, 16).expect("hex size");
+                while pending.len() < line + 2 + size + 2 {
+                    read_more(client, pending).await;
+                }
+                body.extend(&pending[line + 2..line + 2 + size]);
+                assert_eq!(&pending[line + 2 + size..line + 4 + size], b"\r\n");
+                pending.drain(..line + 4 + size);
+                if size == 0 {
+                    break;
+                }
+            }
+        }
+        (head, body)
+    }
+
+    async fn read_more(client: &mut TcpStream, pending: &mut Vec<u8>) {
+        let mut chunk = [0u8; 4096];
+        let n = client.read(&mut chunk).await.expect("read");
+        assert!(
+            n > 0,
+            "connection closed mid-answer: {:?}",
+            String::from_utf8_lossy(pending)
+        );
+        pending.extend_from_slice(&chunk[..n]);
+    }
+
+    fn field_value<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+        head.lines().find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            (n == name).then_some(v.trim())
+        })
+    }
+
+    /// Everything the client receives until the server closes.
+    async fn rest(client: &mut TcpStream, mut pending: Vec<u8>) -> Vec<u8> {
+        client.read_to_end(&mut pending).await.expect("read to end");
+        pending
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_are_answered_in_order_on_one_connection() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (mut client, server) = pair().await;
+        let (task, _stop) = start(server, settings(), echo(&calls));
+        client
+            .write_all(
+                b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n\
+                  DELETE /b?q=1 HTTP/1.1\r\nHost: x\r\nX-Echo: one\r\nx-echo: two\r\nContent-Length: 0\r\n\r\n",
+            )
+            .await
+            .expect("write");
+        let mut pending = Vec::new();
+        let (head, body) = answer(&mut client, &mut pending).await;
+        assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+        assert_eq!(field_value(&head, "content-length"), Some("7"));
+        assert!(field_value(&head, "date").is_some_and(|d| d.ends_with(" gmt")));
+        assert_eq!(body, b"GET /a ");
+        let (_, body) = answer(&mut client, &mut pending).await;
+        assert_eq!(body, b"DELETE /b?q=1 one|two");
+        // Still open for the next one.
+        client
+            .write_all(b"GET /c HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        let (_, body) = answer(&mut client, &mut pending).await;
+        assert_eq!(body, b"GET /c ");
+        drop(client);
+        assert!(matches!(task.await.expect("task"), Ended::Closed));
+        assert_eq!(calls.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn an_answer_of_unknown_length_is_chunked_and_head_gets_no_body() {
+        let (mut client, server) = pair().await;
+        let (_task, _stop) = start(server, settings(), |req: Request<Body>| {
+            let parts: Vec<Result<Bytes, std::io::Error>> = if req.uri().path() == "/empty" {
+                vec![]
+            } else {
+                vec![
+                    Ok(Bytes::from("ab")),
+                    Ok(Bytes::new()),
+                    Ok(Bytes::from("cde")),
+                ]
+            };
+            let mut resp = Response::new(Body::from_stream(futures_util::stream::iter(parts)));
+            // A framing the app set is not trusted: ours replaces it.
+            resp.headers_mut()
+                .insert(header::TRANSFER_ENCODING, HeaderValue::from_static("gzip"));
+            std::future::ready(resp)
+        });
+        client
+            .write_all(b"GET /s HTTP/1.1\r\n\r\nGET /empty HTTP/1.1\r\n\r\nHEAD /s HTTP/1.1\r\n\r\nGET /s HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        let mut pending = Vec::new();
+        let (head, body) = answer(&mut client, &mut pending).await;
+        assert_eq!(field_value(&head, "transfer-encoding"), Some("chunked"));
+        assert_eq!(head.matches("transfer-encoding").count(), 1, "{head}");
+        assert!(!head.contains("content-length"));
+        assert_eq!(body, b"abcde");
+        let (_, body) = answer(&mut client, &mut pending).await;
+        assert_eq!(body, b"");
+        // HEAD: the head alone (so the next answer starts right after it).
+        let end = loop {
+            if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            read_more(&mut client, &mut pending).await;
+        };
+        let head: Vec<u8> = pending.drain(..end).collect();
+        assert!(head.starts_with(b"HTTP/1.1 200 OK\r\n"));
+        let (head, body) = answer(&mut client, &mut pending).await;
+        assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+        assert_eq!(body, b"abcde");
+    }
+
+    #[tokio::test]
+    async fn head_and_bodiless_statuses_keep_their_framing_fields_right() {
+        let (mut client, server) = pair().await;
+        let (_task, _stop) = start(server, settings(), |req: Request<Body>| {
+            let mut resp = Response::new(Body::from("12345"));
+            match req.uri().path() {
+                "/204" => {
+                    *resp.status_mut() = StatusCode::NO_CONTENT;
+                    resp.headers_mut()
+                        .insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+                }
+                "/304" => *resp.status_mut() = StatusCode::NOT_MODIFIED,
+                _ => {}
+            }
+            std::future::ready(resp)
+        });
+        client
+            .write_all(b"HEAD /x HTTP/1.1\r\n\r\nGET /204 HTTP/1.1\r\n\r\nGET /304 HTTP/1.1\r\n\r\nGET /x HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        let mut pending = Vec::new();
+        // HEAD: the length the GET would have, no body (the next answer follows at once).
+        let end = loop {
+            if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            read_more(&mut client, &mut pending).await;
+        };
+        let head = String::from_utf8(pending.drain(..end).collect()).expect("utf-8");
+        assert!(head.contains("content-length: 5\r\n"), "{head}");
+        let (head, _) = answer(&mut client, &mut pending).await;
+        assert!(head.starts_with("http/1.1 204 no content\r\n"), "{head}");
+        assert!(!head.contains("content-length"), "{head}");
+        let (head, _) = answer(&mut client, &mut pending).await;
+        assert!(head.starts_with("http/1.1 304 not modified\r\n"), "{head}");
+        let (head, body) = answer(&mut client, &mut pending).await;
+        assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+        assert_eq!(body, b"12345");
+    }
+
+    #[tokio::test]
+    async fn connection_close_from_either_side_closes_after_the_answer() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (mut client, server) = pair().await;
+        let (task, _stop) = start(server, settings(), echo(&calls));
+        client
+            .write_all(b"GET /a HTTP/1.1\r\nConnection: keep-alive, Close\r\n\r\nGET /never HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        let mut pending = Vec::new();
+        let (head, body) = answer(&mut client, &mut pending).await;
+        assert_eq!(field_value(&head, "connection"), Some("close"));
+        assert_eq!(body, b"GET /a ");
+        assert_eq!(rest(&mut client, pending).await, b"");
+        assert!(matches!(task.await.expect("task"), Ended::Closed));
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
+
+        // The app's answer says close: said once, and done.
+        let (mut client, server) = pair().await;
+        let (task, _stop) = start(server, settings(), |_req: Request<Body>| {
+            let mut resp = Response::new(Body::from("bye"));
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            std::future::ready(resp)
+        });
+        client
+            .write_all(b"GET /a HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        let mut pending = Vec::new();
+        let (head, body) = answer(&mut client, &mut pending).await;
+        assert_eq!(head.matches("connection").count(), 1, "{head}");
+        assert_eq!(body, b"bye");
+        assert_eq!(rest(&mut client, pending).await, b"");
+        assert!(matches!(task.await.expect("task"), Ended::Closed));
+    }
+
+    #[tokio::test]
+    async fn requests_this_loop_does_not_serve_go_to_hyper_byte_for_byte() {
+        let refused: &[&[u8]] = &[
+            b"POST /a HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+            b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            b"POST /a HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
+            b"POST /a HTTP/1.1\r\nContent-Length: 00\r\n\r\n",
+            b"POST /a HTTP/1.1\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"GET /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"GET /a HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+            b"GET /a HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            b"GET /a HTTP/1.0\r\n\r\n",
+            b"CONNECT example.com:443 HTTP/1.1\r\n\r\n",
+            b"GET http://example.com/a HTTP/1.1\r\n\r\n",
+            b"OPTIONS * HTTP/1.1\r\n\r\n",
+            b"GET /a HTTP/1.1\r\nX: a\r\n b\r\n\r\n",
+            b"GET /a HTTP/1.1\r\nX : a\r\n\r\n",
+            b"GET /a HTTP/1.1\r\nX: a\x01b\r\n\r\n",
+            b"GET /a HTTP/2.0\r\n\r\n",
+            b"GET /a\x7f HTTP/1.1\r\n\r\n",
+            b"G@T /a HTTP/1.1\r\n\r\n",
+            b"GET /a HTTP/1.1\r\nNo-colon\r\n\r\n",
+            b"GET /a\x00 HTTP/1.1\r\n\r\n",
+        ];
+        for sent in refused {
+            let calls = Arc::new(AtomicUsize::new(0));
+            let (mut client, server) = pair().await;
+            client.write_all(sent).await.expect("write");
+            let (task, _stop) = start(server, settings(), echo(&calls));
+            let Ended::HandOver(_, unread) = task.await.expect("task") else {
+                panic!("served: {:?}", String::from_utf8_lossy(sent));
+            };
+            assert_eq!(&unread[..], *sent, "{:?}", String::from_utf8_lossy(sent));
+            assert_eq!(calls.load(Ordering::Relaxed), 0);
+        }
+        // More than 100 fields, and a head that outgrows the limit before it ends.
+        let mut many = b"GET /a HTTP/1.1\r\n".to_vec();
+        for i in 0..101 {
+            many.extend_from_slice(format!("x-{i}: v\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        let long = [b"GET /a HTTP/1.1\r\nX: ".as_slice(), &[b'a'; 9000]].concat();
+        for sent in [many, long] {
+            let calls = Arc::new(AtomicUsize::new(0));
+            let (mut client, server) = pair().await;
+            let writer = tokio::spawn(async move {
+                let _ = client.write_all(&sent).await;
+                (client, sent)
+            });
+            let (task, _stop) = start(server, settings(), echo(&calls));
+            let Ended::HandOver(_, unread) = task.await.expect("task") else {
+                panic!("served");
+            };
+            let (_client, sent) = writer.await.expect("writer");
+            assert!(
+                sent.starts_with(&unread),
+                "hand-over keeps the bytes in order"
+            );
+            assert_eq!(calls.load(Ordering::Relaxed), 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn after_a_served_request_the_first_with_a_body_goes_to_hyper_with_what_follows() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (mut client, server) = pair().await;
+        let (task, _stop) = start(server, settings(), echo(&calls));
+        let rest_of_it = b"PUT /b HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET /c HTTP/1.1\r\n\r\n";
+        client
+            .write_all(&[b"GET /a HTTP/1.1\r\n\r\n".as_slice(), rest_of_it].concat())
+            .await
+            .expect("write");
+        let mut pending = Vec::new();
+        let (_, body) = answer(&mut client, &mut pending).await;
+        assert_eq!(body, b"GET /a ");
+        let Ended::HandOver(_, unread) = task.await.expect("task") else {
+            panic!("not handed over");
+        };
+        assert_eq!(&unread[..], rest_of_it);
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_slow_head_is_timed_out_an_idle_connection_closed_quietly() {
+        let quick = Settings {
+            header_read_timeout: Duration::from_millis(200),
+            ..settings()
+        };
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (mut client, server) = pair().await;
+        client
+            .write_all(b"GET /a HTTP/1.1\r\nHo")
+            .await
+            .expect("write");
+        let (task, _stop) = start(server, quick, echo(&calls));
+        assert!(matches!(task.await.expect("task"), Ended::TimedOut(_)));
+
+        let (_client, server) = pair().await;
+        let (task, _stop) = start(server, quick, echo(&calls));
+        assert!(matches!(task.await.expect("task"), Ended::Closed));
+        assert_eq!(calls.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn stop_lets_the_request_under_way_finish_then_closes() {
+        let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let (release_tx, release_rx) = watch::channel(false);
+        let (mut client, server) = pair().await;
+        let (task, stop) = start(server, settings(), move |_req: Request<Body>| {
+            let _ = entered_tx.send(());
+            let mut release = release_rx.clone();
+            async move {
+                let _ = release.wait_for(|r| *r).await;
+                Response::new(Body::from("done"))
+            }
+        });
+        client
+            .write_all(b"GET /slow HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        entered.recv().await.expect("in the handler");
+        stop.send_replace(true);
+        release_tx.send_replace(true);
+        let mut pending = Vec::new();
+        let (_, body) = answer(&mut client, &mut pending).await;
+        assert_eq!(body, b"done");
+        assert_eq!(rest(&mut client, pending).await, b"");
+        assert!(matches!(task.await.expect("task"), Ended::Closed));
+
+        // Idle when stop comes: closed without a byte.
+        let (mut client, server) = pair().await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (task, stop) = start(server, settings(), echo(&calls));
+        stop.send_replace(true);
+        assert!(matches!(task.await.expect("task"), Ended::Closed));
+        assert_eq!(rest(&mut client, Vec::new()).await, b"");
+    }
+
+    #[tokio::test]
+    async fn a_body_that_breaks_its_framing_closes_the_connection() {
+        let (mut client, server) = pair().await;
+        let (task, _stop) = start(server, settings(), |req: Request<Body>| {
+            let resp = match req.uri().path() {
+                // Declares 10, ends after 3.
+                "/short" => Response::builder()
+                    .header(header::CONTENT_LENGTH, "10")
+                    .body(Body::from_stream(futures_util::stream::iter(vec![Ok::<
+                        _,
+                        std::io::Error,
+                    >(
+                        Bytes::from("abc"),
+                    )])))
+                    .expect("response"),
+                // Fails after a first chunk.
+                _ => Response::new(Body::from_stream(futures_util::stream::iter(vec![
+                    Ok(Bytes::from("ab")),
+                    Err(std::io::Error::other("gone")),
+                ]))),
+            };
+            std::future::ready(resp)
+        });
+        client
+            .write_all(b"GET /short HTTP/1.1\r\n\r\nGET /next HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        let got = rest(&mut client, Vec::new()).await;
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.ends_with("\r\n\r\nabc"), "{got}");
+        assert_eq!(got.matches("HTTP/1.1").count(), 1, "{got}");
+        assert!(matches!(task.await.expect("task"), Ended::Closed));
+
+        let (mut client, server) = pair().await;
+        let (task, _stop) = start(server, settings(), |_req: Request<Body>| {
+            std::future::ready(Response::new(Body::from_stream(
+                futures_util::stream::iter(vec![
+                    Ok(Bytes::from("ab")),
+                    Err(std::io::Error::other("gone")),
+                ]),
+            )))
+        });
+        client
+            .write_all(b"GET /fail HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        let got = rest(&mut client, Vec::new()).await;
+        assert!(
+            !got.ends_with(b"0\r\n\r\n"),
+            "a failed body must not look complete"
+        );
+        assert!(matches!(task.await.expect("task"), Ended::Closed));
+    }
+}
