@@ -234,18 +234,35 @@ async fn write_answer(
     let (parts, mut body) = response.into_parts();
     let status = parts.status;
     let mut headers = parts.headers;
-    let closes = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| has_close(v.as_bytes()));
+    // One pass over the names for what decides the framing (no lookup per field).
+    let (mut closes, mut coded, mut dated) = (false, false, false);
+    let mut length = Length::Absent;
+    for (name, value) in &headers {
+        if name == header::CONNECTION {
+            closes |= has_close(value.as_bytes());
+        } else if name == header::TRANSFER_ENCODING {
+            coded = true;
+        } else if name == header::DATE {
+            dated = true;
+        } else if name == header::CONTENT_LENGTH {
+            length = length.and(value.as_bytes());
+        }
+    }
     let mut keep = !close && !closes;
     // A framing of our own choosing: whatever the app set for it is replaced.
-    headers.remove(header::TRANSFER_ENCODING);
-    let no_body_ever = status.is_informational() || status == StatusCode::NO_CONTENT;
-    if no_body_ever {
-        headers.remove(header::CONTENT_LENGTH);
+    if coded {
+        headers.remove(header::TRANSFER_ENCODING);
     }
-    let declared = declared_length(&mut headers);
+    let no_body_ever = status.is_informational() || status == StatusCode::NO_CONTENT;
+    let declared = match length {
+        Length::Absent => None,
+        Length::Is(n) if !no_body_ever => Some(n),
+        // Unusable (or not allowed): dropped, the framing is then ours.
+        _ => {
+            headers.remove(header::CONTENT_LENGTH);
+            None
+        }
+    };
     let exact = body.size_hint().exact();
     let mut add_length = None;
     let framing = if no_body_ever || status == StatusCode::NOT_MODIFIED {
@@ -274,12 +291,13 @@ async fn write_answer(
         field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     if let Some(n) = add_length {
-        field(out, b"content-length", n.to_string().as_bytes());
+        let mut digits = [0u8; 20];
+        field(out, b"content-length", decimal(n, &mut digits));
     }
     if matches!(framing, Framing::Chunked) {
         field(out, b"transfer-encoding", b"chunked");
     }
-    if !headers.contains_key(header::DATE) {
+    if !dated {
         date(out);
     }
     if !keep && !closes {
@@ -337,6 +355,19 @@ async fn write_answer(
     flush(stream, out).await && keep
 }
 
+/// `n` in decimal, written at the end of `digits`.
+fn decimal(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &digits[at..];
+        }
+    }
+}
+
 /// One `name: value` line.
 fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
@@ -345,19 +376,28 @@ fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// The answer's `Content-Length`, when it has one that all its values agree on; other values are
-/// removed (the framing is then ours).
-fn declared_length(headers: &mut HeaderMap) -> Option<u64> {
-    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
-    let first = values.next()?;
-    let n = std::str::from_utf8(first.as_bytes())
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok());
-    if n.is_some() && values.all(|v| v == first) {
-        return n;
+/// What an answer's `Content-Length` fields say.
+#[derive(Clone, Copy)]
+enum Length {
+    Absent,
+    Is(u64),
+    /// Malformed, or values that disagree.
+    Unusable,
+}
+
+impl Length {
+    /// With one more field value.
+    fn and(self, value: &[u8]) -> Length {
+        let n = std::str::from_utf8(value)
+            .ok()
+            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|s| s.parse::<u64>().ok());
+        match (self, n) {
+            (Length::Absent, Some(n)) => Length::Is(n),
+            (Length::Is(m), Some(n)) if m == n => Length::Is(n),
+            _ => Length::Unusable,
+        }
     }
-    headers.remove(header::CONTENT_LENGTH);
-    None
 }
 
 /// Appends `data` to what is gathered, or writes both when that grows too large.
@@ -530,6 +570,30 @@ mod tests {
         pending
     }
 
+    #[test]
+    fn content_length_values_frame_the_answer_only_when_they_agree() {
+        let length = |values: &[&[u8]]| values.iter().fold(Length::Absent, |l, v| l.and(v));
+        assert!(matches!(length(&[]), Length::Absent));
+        assert!(matches!(length(&[b"12"]), Length::Is(12)));
+        assert!(matches!(length(&[b"12", b"12"]), Length::Is(12)));
+        assert!(matches!(length(&[b"12", b"13"]), Length::Unusable));
+        assert!(matches!(length(&[b"x", b"12"]), Length::Unusable));
+        for bad in [
+            &b""[..],
+            b"+1",
+            b" 1",
+            b"1,1",
+            b"0x1",
+            b"99999999999999999999999",
+        ] {
+            assert!(matches!(length(&[bad]), Length::Unusable), "{bad:?}");
+        }
+        let mut digits = [0u8; 20];
+        for n in [0, 7, 10, 1_234_567_890, u64::MAX] {
+            assert_eq!(decimal(n, &mut digits), n.to_string().as_bytes());
+        }
+    }
+
     #[tokio::test]
     async fn pipelined_requests_are_answered_in_order_on_one_connection() {
         let calls = Arc::new(AtomicUsize::new(0));
@@ -619,12 +683,19 @@ mod tests {
                         .insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
                 }
                 "/304" => *resp.status_mut() = StatusCode::NOT_MODIFIED,
+                // Lengths that disagree: dropped, and the body's own length is sent.
+                "/two" => {
+                    resp.headers_mut()
+                        .append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+                    resp.headers_mut()
+                        .append(header::CONTENT_LENGTH, HeaderValue::from_static("6"));
+                }
                 _ => {}
             }
             std::future::ready(resp)
         });
         client
-            .write_all(b"HEAD /x HTTP/1.1\r\n\r\nGET /204 HTTP/1.1\r\n\r\nGET /304 HTTP/1.1\r\n\r\nGET /x HTTP/1.1\r\n\r\n")
+            .write_all(b"HEAD /x HTTP/1.1\r\n\r\nGET /204 HTTP/1.1\r\n\r\nGET /304 HTTP/1.1\r\n\r\nGET /two HTTP/1.1\r\n\r\nGET /x HTTP/1.1\r\n\r\n")
             .await
             .expect("write");
         let mut pending = Vec::new();
@@ -642,6 +713,9 @@ mod tests {
         assert!(!head.contains("content-length"), "{head}");
         let (head, _) = answer(&mut client, &mut pending).await;
         assert!(head.starts_with("http/1.1 304 not modified\r\n"), "{head}");
+        let (head, body) = answer(&mut client, &mut pending).await;
+        assert_eq!(head.matches("content-length").count(), 1, "{head}");
+        assert_eq!(body, b"12345");
         let (head, body) = answer(&mut client, &mut pending).await;
         assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
         assert_eq!(body, b"12345");

@@ -279,9 +279,11 @@ fn parse_head(
         // is frozen (no copy per value).
         let base = buf.as_ptr() as usize;
         let mut named = Vec::with_capacity(parsed.headers.len());
+        let mut seen = Seen::default();
         for f in parsed.headers.iter() {
             let name = HeaderName::from_bytes(f.name.as_bytes())
                 .map_err(|_| Error::Invalid("invalid field name"))?;
+            seen.note(&name);
             let start = f.value.as_ptr() as usize - base;
             named.push((name, start, start + f.value.len()));
         }
@@ -292,7 +294,7 @@ fn parse_head(
                 .map_err(|_| Error::Invalid("invalid field value"))?;
             headers.append(name, value);
         }
-        let (framing, keep) = framing(&mut headers, status, head_request, http11)?;
+        let (framing, keep) = framing(&mut headers, seen, status, head_request, http11)?;
         let mut response = http::Response::new(());
         *response.status_mut() = status;
         *response.version_mut() = if http11 {
@@ -310,18 +312,21 @@ fn parse_head(
 /// and the connection closed after the answer.
 fn framing(
     headers: &mut HeaderMap,
+    seen: Seen,
     status: StatusCode,
     head_request: bool,
     http11: bool,
 ) -> Result<(Framing, bool), Error> {
     let mut keep = http11
-        && !headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+        && !(seen.connection
+            && headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close")));
     let mut length: Option<u64> = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
+    let lengths = seen.length.then(|| headers.get_all(header::CONTENT_LENGTH));
+    for v in lengths.into_iter().flatten() {
         for n in v.as_bytes().split(|&b| b == b',') {
             let n = n.trim_ascii();
             if n.is_empty() || n.len() > 19 || !n.iter().all(u8::is_ascii_digit) {
@@ -340,7 +345,7 @@ fn framing(
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((Framing::Done, keep));
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    if seen.coding {
         let codings: Vec<&[u8]> = headers
             .get_all(header::TRANSFER_ENCODING)
             .iter()
@@ -370,6 +375,26 @@ fn framing(
         Some(n) => (Framing::Length(n), keep),
         None => (Framing::UntilClose, false),
     })
+}
+
+/// Which of the fields that decide an answer's framing it has (looked up only when present).
+#[derive(Debug, Default, Clone, Copy)]
+struct Seen {
+    connection: bool,
+    length: bool,
+    coding: bool,
+}
+
+impl Seen {
+    fn note(&mut self, name: &HeaderName) {
+        if name == header::CONNECTION {
+            self.connection = true;
+        } else if name == header::CONTENT_LENGTH {
+            self.length = true;
+        } else if name == header::TRANSFER_ENCODING {
+            self.coding = true;
+        }
+    }
 }
 
 fn parse_error(e: httparse::Error) -> &'static str {
