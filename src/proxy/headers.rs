@@ -40,33 +40,77 @@ static HOP_BY_HOP_NAMES: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
+/// The lengths of the names in [`HOP_BY_HOP_NAMES`], as bits: with their first bytes, most
+/// names are ruled out before any comparison (a test keeps this to the list).
+const HOP_BY_HOP_LENS: u32 = 1 << 2 | 1 << 7 | 1 << 10 | 1 << 16 | 1 << 17 | 1 << 18 | 1 << 19;
+
+/// The position of `name` in [`HOP_BY_HOP_NAMES`], if it is there.
+fn hop_by_hop(name: &HeaderName) -> Option<usize> {
+    let s = name.as_str().as_bytes();
+    if s.len() >= 32
+        || HOP_BY_HOP_LENS >> s.len() & 1 == 0
+        || !matches!(s.first(), Some(b'c' | b'k' | b'p' | b't' | b'u'))
+    {
+        return None;
+    }
+    HOP_BY_HOP_NAMES.iter().position(|h| h == name)
+}
+
+/// The header names a `Connection` value lists (as sent: [`HeaderMap::remove`] of a `&str`
+/// parses and lower-cases it without allocating, and ignores one that is no header name).
+fn listed_in(connection: &HeaderValue) -> impl Iterator<Item = &str> {
+    connection
+        .to_str()
+        .ok()
+        .into_iter()
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+}
+
 /// Removes hop-by-hop headers and every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names present (usually none of them is hop-by-hop, or only
-    // `Connection`), instead of a lookup per rule on every request and response.
-    let mut drop: Vec<HeaderName> = Vec::new();
+    // `Connection`), then the removals in the order met, each `Connection` list right after
+    // `Connection` (the order decides where `remove` moves the last header, so the order on the
+    // wire). Nothing is allocated unless `Connection` comes more than once.
+    let mut found = [0usize; HOP_BY_HOP_NAMES.len()];
+    let mut n = 0;
+    let mut listed: Option<HeaderValue> = None;
+    let mut more_listed: Vec<HeaderValue> = Vec::new();
+    let mut last = None;
     for (name, value) in headers.iter() {
-        if HOP_BY_HOP_NAMES.contains(name) {
-            if !drop.contains(name) {
-                drop.push(name.clone());
-            }
-            if name == header::CONNECTION {
-                let listed = value
-                    .to_str()
-                    .ok()
-                    .into_iter()
-                    .flat_map(|v| v.split(','))
-                    .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok());
-                for n in listed {
-                    if !drop.contains(&n) {
-                        drop.push(n);
-                    }
+        // `iter` gives a name's further values right after its first.
+        let i = if last.is_some_and(|l| HOP_BY_HOP_NAMES[l] == *name) {
+            last
+        } else {
+            let i = hop_by_hop(name);
+            if let Some(i) = i {
+                // The map's names are distinct: each is met once.
+                if let Some(slot) = found.get_mut(n) {
+                    *slot = i;
+                    n += 1;
                 }
+            }
+            i
+        };
+        last = i;
+        if i == Some(0) {
+            if listed.is_none() {
+                listed = Some(value.clone());
+            } else {
+                more_listed.push(value.clone());
             }
         }
     }
-    for n in drop {
-        headers.remove(n);
+    for &i in &found[..n] {
+        headers.remove(&HOP_BY_HOP_NAMES[i]);
+        if i == 0 {
+            for v in listed.iter().chain(&more_listed) {
+                for name in listed_in(v) {
+                    headers.remove(name);
+                }
+            }
+        }
     }
 }
 
@@ -162,12 +206,20 @@ pub const DPOP: HeaderName = HeaderName::from_static("dpop");
 /// What [`set_authorization`] drops, for requests that carry no token of ours (`token = "none"`,
 /// or `"user-or-anonymous"` without a session).
 pub fn strip_credentials(headers: &mut HeaderMap) {
+    // Usually there is nothing to drop: one pass over the names says so, instead of two lookups
+    // that miss and a list of none.
+    if !headers
+        .keys()
+        .any(|k| k == header::AUTHORIZATION || k == DPOP || dropped_as_identity(k.as_str()))
+    {
+        return;
+    }
     headers.remove(header::AUTHORIZATION);
     // A browser-made proof would be for the browser's key, never for our token.
     headers.remove(DPOP);
     let drop: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| k.as_str().contains('_') || spoofable(k.as_str()))
+        .filter(|k| dropped_as_identity(k.as_str()))
         .cloned()
         .collect();
     for n in drop {
@@ -175,12 +227,17 @@ pub fn strip_credentials(headers: &mut HeaderMap) {
     }
 }
 
-/// Sets `X-Forwarded-For/-Proto/-Host`. Values the client sent are believed only when the peer
-/// is a trusted proxy; otherwise they and `Forwarded` are replaced.
+/// Whether [`strip_credentials`] drops a header by its name alone.
+fn dropped_as_identity(name: &str) -> bool {
+    name.bytes().any(|b| b == b'_') || spoofable(name)
+}
+
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
+/// Sets `X-Forwarded-For/-Proto/-Host`. Values the client sent are believed only when the peer
+/// is a trusted proxy; otherwise they and `Forwarded` are replaced.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
     peer: IpAddr,
@@ -188,30 +245,70 @@ pub fn set_forwarded(
     proto: &str,
     host: &str,
 ) {
-    let prior_xff = if trusted_peer {
-        headers
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .map(str::to_string)
-            .collect::<Vec<_>>()
-            .join(", ")
-    } else {
-        String::new()
+    // One pass over the names present instead of a lookup per header (most are absent).
+    let (mut forwarded, mut xff, mut xf_proto, mut xf_host) = (false, false, false, false);
+    for k in headers.keys() {
+        if k == header::FORWARDED {
+            forwarded = true;
+        } else if k == X_FORWARDED_FOR {
+            xff = true;
+        } else if k == X_FORWARDED_PROTO {
+            xf_proto = true;
+        } else if k == X_FORWARDED_HOST {
+            xf_host = true;
+        }
+    }
+    let mut ip = [0u8; 15];
+    let mut v6 = String::new();
+    let ip: &[u8] = match peer {
+        IpAddr::V4(v4) => {
+            let n = write_ipv4(&mut ip, v4);
+            &ip[..n]
+        }
+        IpAddr::V6(v6_addr) => {
+            use std::fmt::Write;
+            let _ = write!(v6, "{v6_addr}");
+            v6.as_bytes()
+        }
     };
-    let keep_proto_host = trusted_peer
-        && headers.contains_key(&X_FORWARDED_PROTO)
-        && headers.contains_key(&X_FORWARDED_HOST);
-    if !trusted_peer {
+    // The chain a trusted proxy sent (its values joined by ", "), then the peer; built in a
+    // buffer of the exact size, which the header value takes over as it is.
+    let value = if trusted_peer && xff {
+        let prior = || {
+            headers
+                .get_all(&X_FORWARDED_FOR)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+        };
+        let (mut count, mut len) = (0, 0);
+        for v in prior() {
+            count += 1;
+            len += v.len();
+        }
+        let len = len + 2 * count.max(1) - 2;
+        let mut out = Vec::with_capacity(if len > 0 { len + 2 } else { 0 } + ip.len());
+        for (i, v) in prior().enumerate() {
+            if i > 0 {
+                out.extend_from_slice(b", ");
+            }
+            out.extend_from_slice(v.as_bytes());
+        }
+        if !out.is_empty() {
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(ip);
+        HeaderValue::try_from(out)
+    } else {
+        HeaderValue::from_bytes(ip)
+    };
+    let keep_proto_host = trusted_peer && xf_proto && xf_host;
+    if !trusted_peer && forwarded {
         headers.remove(header::FORWARDED);
     }
-    headers.remove(&X_FORWARDED_FOR);
-    let mut xff = prior_xff;
-    if !xff.is_empty() {
-        xff.push_str(", ");
+    if xff {
+        headers.remove(&X_FORWARDED_FOR);
     }
-    push_ip(&mut xff, peer);
-    if let Ok(v) = HeaderValue::try_from(xff) {
+    if let Ok(v) = value {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     if !keep_proto_host {
@@ -227,28 +324,28 @@ pub fn set_forwarded(
     }
 }
 
-/// Appends `ip` as text; IPv4 (the common peer) without going through `fmt`.
-fn push_ip(out: &mut String, ip: IpAddr) {
-    match ip {
-        IpAddr::V4(v4) => {
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push('.');
-                }
-                if octet >= 100 {
-                    out.push(char::from(b'0' + octet / 100));
-                }
-                if octet >= 10 {
-                    out.push(char::from(b'0' + octet / 10 % 10));
-                }
-                out.push(char::from(b'0' + octet % 10));
-            }
+/// Writes `ip` as text at the start of `out` (without going through `fmt`); returns its length.
+fn write_ipv4(out: &mut [u8; 15], ip: std::net::Ipv4Addr) -> usize {
+    let mut n = 0;
+    let mut put = |b: u8| {
+        if let Some(slot) = out.get_mut(n) {
+            *slot = b;
+            n += 1;
         }
-        IpAddr::V6(v6) => {
-            use std::fmt::Write;
-            let _ = write!(out, "{v6}");
+    };
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            put(b'.');
         }
+        if octet >= 100 {
+            put(b'0' + octet / 100);
+        }
+        if octet >= 10 {
+            put(b'0' + octet / 10 % 10);
+        }
+        put(b'0' + octet % 10);
     }
+    n
 }
 
 /// Drops `Set-Cookie`s from the API that would overwrite tokengate's cookies.
@@ -464,6 +561,261 @@ mod tests {
                 ip.parse::<IpAddr>().expect("ip").to_string()
             );
             assert_eq!(h["x-forwarded-proto"], "https");
+        }
+    }
+
+    #[test]
+    fn connection_lists_custom_names_in_any_case_and_over_several_values() {
+        let long = format!("X-{}", "Long".repeat(20));
+        let mut h = map(&[
+            ("x-kept", "yes"),
+            ("connection", "close, X-Custom-Hop , ,bad name"),
+            ("x-custom-hop", "1"),
+            ("connection", &long),
+            (&long, "2"),
+            ("user-agent", "ua"),
+            ("referer", "r"),
+            ("content-encoding", "gzip"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let names: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(
+            names,
+            ["x-kept", "content-encoding", "referer", "user-agent"],
+            "{h:?}"
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_names_pass_the_quick_filter() {
+        for (i, n) in HOP_BY_HOP_NAMES.iter().enumerate() {
+            assert_eq!(hop_by_hop(n), Some(i), "{n}");
+        }
+        for n in [
+            "user-agent",
+            "content-encoding",
+            "referer",
+            "accept",
+            "tee",
+            "x-te",
+        ] {
+            let n = HeaderName::from_static(n);
+            assert_eq!(hop_by_hop(&n), None, "{n}");
+        }
+    }
+
+    #[test]
+    fn a_trusted_peer_extends_every_prior_forwarded_for() {
+        let mut h = map(&[
+            ("x-forwarded-for", "1.2.3.4"),
+            ("accept", "*/*"),
+            ("x-forwarded-for", "5.6.7.8, 9.9.9.9"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        set_forwarded(&mut h, "10.0.0.1".parse().expect("ip"), true, "http", "app");
+        let xff: Vec<_> = h.get_all("x-forwarded-for").iter().collect();
+        assert_eq!(xff, ["1.2.3.4, 5.6.7.8, 9.9.9.9, 10.0.0.1"]);
+        // Without X-Forwarded-Host the pair is ours.
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "app");
+        let mut v6 = map(&[("x-forwarded-for", "")]);
+        set_forwarded(&mut v6, "::1".parse().expect("ip"), true, "https", "app");
+        assert_eq!(v6["x-forwarded-for"], "::1");
+    }
+
+    /// The rules as they were before their single-pass versions (one `remove` per name, lists
+    /// collected first), to compare with, header order included.
+    mod before {
+        use super::super::*;
+
+        pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+            let mut drop: Vec<HeaderName> = Vec::new();
+            for (name, value) in headers.iter() {
+                if HOP_BY_HOP_NAMES.contains(name) {
+                    if !drop.contains(name) {
+                        drop.push(name.clone());
+                    }
+                    if name == header::CONNECTION {
+                        let listed = value
+                            .to_str()
+                            .ok()
+                            .into_iter()
+                            .flat_map(|v| v.split(','))
+                            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok());
+                        for n in listed {
+                            if !drop.contains(&n) {
+                                drop.push(n);
+                            }
+                        }
+                    }
+                }
+            }
+            for n in drop {
+                headers.remove(n);
+            }
+        }
+
+        pub fn strip_credentials(headers: &mut HeaderMap) {
+            headers.remove(header::AUTHORIZATION);
+            headers.remove(DPOP);
+            let drop: Vec<HeaderName> = headers
+                .keys()
+                .filter(|k| k.as_str().contains('_') || spoofable(k.as_str()))
+                .cloned()
+                .collect();
+            for n in drop {
+                headers.remove(n);
+            }
+        }
+
+        pub fn set_forwarded(
+            headers: &mut HeaderMap,
+            peer: IpAddr,
+            trusted_peer: bool,
+            proto: &str,
+            host: &str,
+        ) {
+            let prior_xff = if trusted_peer {
+                headers
+                    .get_all(&X_FORWARDED_FOR)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            } else {
+                String::new()
+            };
+            let keep_proto_host = trusted_peer
+                && headers.contains_key(&X_FORWARDED_PROTO)
+                && headers.contains_key(&X_FORWARDED_HOST);
+            if !trusted_peer {
+                headers.remove(header::FORWARDED);
+            }
+            headers.remove(&X_FORWARDED_FOR);
+            let mut xff = prior_xff;
+            if !xff.is_empty() {
+                xff.push_str(", ");
+            }
+            xff.push_str(&peer.to_string());
+            if let Ok(v) = HeaderValue::try_from(xff) {
+                headers.insert(X_FORWARDED_FOR.clone(), v);
+            }
+            if !keep_proto_host {
+                let proto = match proto {
+                    "https" => HeaderValue::from_static("https"),
+                    "http" => HeaderValue::from_static("http"),
+                    other => {
+                        HeaderValue::from_str(other).unwrap_or(HeaderValue::from_static("http"))
+                    }
+                };
+                headers.insert(X_FORWARDED_PROTO.clone(), proto);
+                if let Ok(v) = HeaderValue::from_str(host) {
+                    headers.insert(X_FORWARDED_HOST.clone(), v);
+                }
+            }
+        }
+    }
+
+    /// Header maps from a pool of names and values that touch every rule, in many orders and
+    /// mixes (a fixed pseudo-random sequence).
+    fn mixes() -> Vec<HeaderMap> {
+        let long = format!("X-{}", "Long".repeat(20));
+        let long_lower = long.to_ascii_lowercase();
+        let long_bad = format!("{long}@");
+        let listing = format!("keep-alive, {long}, {long_bad}");
+        let pool: Vec<(&str, Vec<u8>)> = vec![
+            ("host", b"app".to_vec()),
+            ("accept", b"*/*".to_vec()),
+            ("cookie", b"a=1".to_vec()),
+            ("user-agent", b"ua".to_vec()),
+            ("referer", b"r".to_vec()),
+            ("content-encoding", b"gzip".to_vec()),
+            (
+                "connection",
+                b"keep-alive, X-Custom, ,te,,bad name".to_vec(),
+            ),
+            ("connection", b"close".to_vec()),
+            ("connection", b"upgrade, x-forwarded-for".to_vec()),
+            ("connection", listing.into_bytes()),
+            ("connection", b"caf\xc3\xa9, x-custom".to_vec()),
+            ("keep-alive", b"timeout=5".to_vec()),
+            ("proxy-connection", b"keep-alive".to_vec()),
+            ("proxy-authenticate", b"Basic".to_vec()),
+            ("proxy-authorization", b"Basic x".to_vec()),
+            ("te", b"trailers".to_vec()),
+            ("trailer", b"x".to_vec()),
+            ("transfer-encoding", b"chunked".to_vec()),
+            ("upgrade", b"websocket".to_vec()),
+            ("x-custom", b"1".to_vec()),
+            (&long_lower, b"2".to_vec()),
+            ("authorization", b"Bearer attacker".to_vec()),
+            ("dpop", b"proof".to_vec()),
+            ("x_user", b"admin".to_vec()),
+            ("x-forwarded-user", b"admin".to_vec()),
+            ("oidc-claim-sub", b"admin".to_vec()),
+            ("origin", b"https://app".to_vec()),
+            ("x-forwarded-for", b"1.2.3.4".to_vec()),
+            ("x-forwarded-for", b"5.6.7.8, 9.9.9.9".to_vec()),
+            ("x-forwarded-for", b"".to_vec()),
+            ("x-forwarded-for", b"caf\xc3\xa9".to_vec()),
+            ("x-forwarded-proto", b"https".to_vec()),
+            ("x-forwarded-host", b"evil.com".to_vec()),
+            ("forwarded", b"for=6.6.6.6".to_vec()),
+        ];
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 33) as usize
+        };
+        (0..3000)
+            .map(|_| {
+                let mut h = HeaderMap::new();
+                for _ in 0..next() % 12 {
+                    let (k, v) = &pool[next() % pool.len()];
+                    h.append(
+                        HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                        HeaderValue::from_bytes(v).expect("value"),
+                    );
+                }
+                h
+            })
+            .collect()
+    }
+
+    fn listed(h: &HeaderMap) -> Vec<(&str, &[u8])> {
+        h.iter().map(|(k, v)| (k.as_str(), v.as_bytes())).collect()
+    }
+
+    #[test]
+    fn the_rules_keep_every_header_and_order_as_before() {
+        let peers: [IpAddr; 3] = [
+            "10.0.0.1".parse().expect("ip"),
+            "255.254.200.101".parse().expect("ip"),
+            "2001:db8::8a2e:370:7334".parse().expect("ip"),
+        ];
+        for (i, h) in mixes().into_iter().enumerate() {
+            let (mut new, mut old) = (h.clone(), h.clone());
+            strip_hop_by_hop(&mut new);
+            before::strip_hop_by_hop(&mut old);
+            assert_eq!(listed(&new), listed(&old), "hop-by-hop of {h:?}");
+
+            let (mut new, mut old) = (h.clone(), h.clone());
+            strip_credentials(&mut new);
+            before::strip_credentials(&mut old);
+            assert_eq!(listed(&new), listed(&old), "credentials of {h:?}");
+
+            let peer = peers[i % peers.len()];
+            let proto = ["https", "http", "ws\x01"][i % 3];
+            let host = ["app.example.com", "bad\nhost"][i % 2];
+            for trusted in [false, true] {
+                let (mut new, mut old) = (h.clone(), h.clone());
+                set_forwarded(&mut new, peer, trusted, proto, host);
+                before::set_forwarded(&mut old, peer, trusted, proto, host);
+                assert_eq!(listed(&new), listed(&old), "forwarded ({trusted}) of {h:?}");
+            }
         }
     }
 
