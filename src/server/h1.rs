@@ -182,7 +182,9 @@ fn parse(buf: &mut BytesMut) -> Head {
     let built = http::Uri::from_maybe_shared(head.slice(target))
         .ok()
         .and_then(|uri| {
-            let mut headers = HeaderMap::with_capacity(named.len());
+            // Room for what the proxy adds (`Authorization`, `X-Forwarded-For/-Proto/-Host`):
+        // growing the map on the way out costs more than the few slots.
+        let mut headers = HeaderMap::with_capacity(named.len() + 4);
             for (name, start, end) in named {
                 headers.append(
                     name,
