@@ -183,8 +183,8 @@ fn parse(buf: &mut BytesMut) -> Head {
         .ok()
         .and_then(|uri| {
             // Room for what the proxy adds (`Authorization`, `X-Forwarded-For/-Proto/-Host`):
-        // growing the map on the way out costs more than the few slots.
-        let mut headers = HeaderMap::with_capacity(named.len() + 4);
+            // growing the map on the way out costs more than the few slots.
+            let mut headers = HeaderMap::with_capacity(named.len() + 4);
             for (name, start, end) in named {
                 headers.append(
                     name,
@@ -570,6 +570,162 @@ mod tests {
     async fn rest(client: &mut TcpStream, mut pending: Vec<u8>) -> Vec<u8> {
         client.read_to_end(&mut pending).await.expect("read to end");
         pending
+    }
+
+    /// Pieces of request heads, well-formed and not, for the differential test below.
+    const METHODS: &[&str] = &[
+        "GET", "GET", "POST", "DELETE", "HEAD", "PUT", "CONNECT", "get", "G@T",
+    ];
+    const TARGETS: &[&str] = &[
+        "/",
+        "/api/data?x=1",
+        "/a%2Fb",
+        "*",
+        "http://h/a",
+        "/a b",
+        "/\u{e9}",
+        "/a\x7f",
+    ];
+    const VERSIONS: &[&str] = &[
+        "HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "http/1.1",
+    ];
+    const FIELDS: &[&str] = &[
+        "Host: x",
+        "Cookie: a=b; tg_session=c",
+        "Content-Length: 0",
+        "Content-Length:0",
+        "Content-Length: 5",
+        "Content-Length: 0, 0",
+        "Content-Length: +0",
+        "Transfer-Encoding: chunked",
+        "Transfer-Encoding: gzip, chunked",
+        "transfer-encoding : chunked",
+        "Connection: close",
+        "Connection: keep-alive",
+        "Expect: 100-continue",
+        "Upgrade: h2c",
+        "X-Tab: a\tb",
+        "X-Fold: a\r\n b",
+        "Bad Name: v",
+        "X-Ctl: a\x01b",
+        "X-Empty:",
+        "X-Obs: caf\u{e9}",
+    ];
+    const TAILS: &[&str] = &["", "", "abcde", "0\r\n\r\n", "3\r\nabc\r\n0\r\n\r\n"];
+
+    /// A request as the app sees it: method, target, fields in order, body length.
+    type Seen = (String, String, Vec<(String, Vec<u8>)>, usize);
+
+    fn seen<B>(req: &Request<B>, body: usize) -> Seen {
+        let fields = req
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect();
+        (
+            req.method().to_string(),
+            req.uri().to_string(),
+            fields,
+            body,
+        )
+    }
+
+    /// What hyper's own server reads from `bytes`, request by request.
+    async fn hyper_reads(bytes: Vec<u8>) -> Vec<Seen> {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let into = Arc::clone(&got);
+        let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let into = Arc::clone(&into);
+            async move {
+                let (parts, body) = req.into_parts();
+                let n = body
+                    .collect()
+                    .await
+                    .map_or(usize::MAX, |b| b.to_bytes().len());
+                let req = Request::from_parts(parts, ());
+                if let Ok(mut g) = into.lock() {
+                    g.push(seen(&req, n));
+                }
+                Ok::<_, std::convert::Infallible>(Response::new(
+                    http_body_util::Empty::<Bytes>::new(),
+                ))
+            }
+        });
+        // half_close: the client's end of input must not cut short the answers to what it sent.
+        let conn = hyper::server::conn::http1::Builder::new()
+            .half_close(true)
+            .serve_connection(hyper_util::rt::TokioIo::new(server), svc);
+        let talk = async move {
+            let _ = client.write_all(&bytes).await;
+            let _ = client.shutdown().await;
+            let mut sink = Vec::new();
+            let _ = client.read_to_end(&mut sink).await;
+        };
+        let _ = tokio::time::timeout(
+            Duration::from_secs(10),
+            futures_util::future::join(conn, talk),
+        )
+        .await;
+        let out = got.lock().map(|g| g.clone()).unwrap_or_default();
+        out
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
+
+        /// Every request this loop serves from a byte stream, hyper reads the same way (method,
+        /// target, fields, and no body), in the same order; and what it does not serve it hands
+        /// over untouched. So serving here never splits a stream where hyper would not.
+        #[test]
+        fn what_this_loop_serves_hyper_reads_the_same(
+            requests in proptest::collection::vec(
+                (
+                    proptest::sample::select(METHODS),
+                    proptest::sample::select(TARGETS),
+                    proptest::sample::select(VERSIONS),
+                    proptest::collection::vec(proptest::sample::select(FIELDS), 0..5),
+                    proptest::sample::select(TAILS),
+                    proptest::bool::ANY,
+                ),
+                1..4,
+            )
+        ) {
+            let mut bytes = Vec::new();
+            for (method, target, version, fields, tail, lf_only) in &requests {
+                let eol = if *lf_only { "\n" } else { "\r\n" };
+                bytes.extend_from_slice(format!("{method} {target} {version}{eol}").as_bytes());
+                for f in fields {
+                    bytes.extend_from_slice(format!("{f}{eol}").as_bytes());
+                }
+                bytes.extend_from_slice(eol.as_bytes());
+                bytes.extend_from_slice(tail.as_bytes());
+            }
+            let mut buf = BytesMut::from(&bytes[..]);
+            let mut ours = Vec::new();
+            loop {
+                let before = buf.clone();
+                match parse(&mut buf) {
+                    Head::Serve(req, _) => ours.push(seen(&req, 0)),
+                    Head::HandOver | Head::Incomplete => {
+                        proptest::prop_assert_eq!(&buf[..], &before[..], "handed over untouched");
+                        break;
+                    }
+                }
+            }
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let theirs = rt.block_on(hyper_reads(bytes.clone()));
+            proptest::prop_assert!(
+                theirs.len() >= ours.len() && theirs[..ours.len()] == ours[..],
+                "ours {:?}\nhyper {:?}\nbytes {:?}",
+                ours,
+                theirs,
+                String::from_utf8_lossy(&bytes)
+            );
+        }
     }
 
     #[test]
