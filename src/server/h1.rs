@@ -30,7 +30,7 @@ const MAX_FIELDS: usize = 100;
 /// Read buffer: what one read asks for at least.
 const READ: usize = 8 * 1024;
 /// Answer bytes gathered before a write; larger body chunks are written as they come.
-const GATHER: usize = 64 * 1024;
+const GATHER: usize = 16 * 1024;
 
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Settings {
@@ -354,7 +354,12 @@ async fn write_answer(
             _ => {}
         }
     }
-    flush(stream, out).await && keep
+    let sent = flush(stream, out).await;
+    // An idle connection keeps a small buffer, not the largest answer it ever gathered.
+    if out.capacity() > 2 * GATHER {
+        *out = Vec::new();
+    }
+    sent && keep
 }
 
 /// `n` in decimal, written at the end of `digits`.
@@ -827,6 +832,43 @@ mod tests {
         let (head, body) = answer(&mut client, &mut pending).await;
         assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
         assert_eq!(body, b"abcde");
+    }
+
+    #[tokio::test]
+    async fn answers_larger_than_the_gather_buffer_arrive_whole_and_in_order() {
+        let (mut client, server) = pair().await;
+        let (_task, _stop) = start(server, settings(), |req: Request<Body>| {
+            let resp = if req.uri().path() == "/one" {
+                Response::new(Body::from(vec![b'a'; 5 * GATHER]))
+            } else {
+                let parts: Vec<Result<Bytes, std::io::Error>> = vec![
+                    Ok(Bytes::from(vec![b'b'; GATHER - 10])),
+                    Ok(Bytes::from(vec![b'c'; 2 * GATHER])),
+                    Ok(Bytes::from_static(b"d")),
+                ];
+                Response::new(Body::from_stream(futures_util::stream::iter(parts)))
+            };
+            std::future::ready(resp)
+        });
+        client
+            .write_all(
+                b"GET /one HTTP/1.1\r\n\r\nGET /chunks HTTP/1.1\r\n\r\nGET /one HTTP/1.1\r\n\r\n",
+            )
+            .await
+            .expect("write");
+        let mut pending = Vec::new();
+        let (_, body) = answer(&mut client, &mut pending).await;
+        assert_eq!(body, vec![b'a'; 5 * GATHER]);
+        let (_, body) = answer(&mut client, &mut pending).await;
+        let want = [
+            vec![b'b'; GATHER - 10],
+            vec![b'c'; 2 * GATHER],
+            b"d".to_vec(),
+        ]
+        .concat();
+        assert_eq!(body, want);
+        let (_, body) = answer(&mut client, &mut pending).await;
+        assert_eq!(body.len(), 5 * GATHER);
     }
 
     #[tokio::test]
