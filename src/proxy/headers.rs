@@ -67,6 +67,14 @@ fn listed_in(connection: &HeaderValue) -> impl Iterator<Item = &str> {
         .map(str::trim)
 }
 
+/// True when a `Connection` field value lists `close` (bytes as received: our server loop reads
+/// it before it is a `HeaderValue`, the client from the answer's).
+pub(crate) fn lists_close(value: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+}
+
 /// Removes hop-by-hop headers and every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names present (usually none of them is hop-by-hop, or only

@@ -170,7 +170,7 @@ fn parse(buf: &mut BytesMut) -> Head {
             }
             length = true;
         }
-        if name == header::CONNECTION && has_close(f.value) {
+        if name == header::CONNECTION && crate::proxy::headers::lists_close(f.value) {
             close = true;
         }
         let start = f.value.as_ptr() as usize - base;
@@ -210,13 +210,6 @@ fn parse(buf: &mut BytesMut) -> Head {
     }
 }
 
-/// True when a `Connection` field value lists `close`.
-fn has_close(value: &[u8]) -> bool {
-    value
-        .split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-}
-
 /// How the answer's body is delimited on the wire.
 enum Framing {
     /// No body (HEAD, 1xx, 204, 304).
@@ -241,7 +234,7 @@ async fn write_answer(
     let mut length = Length::Absent;
     for (name, value) in &headers {
         if name == header::CONNECTION {
-            closes |= has_close(value.as_bytes());
+            closes |= crate::proxy::headers::lists_close(value.as_bytes());
         } else if name == header::TRANSFER_ENCODING {
             coded = true;
         } else if name == header::DATE {

@@ -322,8 +322,7 @@ fn framing(
             && headers
                 .get_all(header::CONNECTION)
                 .iter()
-                .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close")));
+                .any(|v| crate::proxy::headers::lists_close(v.as_bytes())));
     let mut length: Option<u64> = None;
     let lengths = seen.length.then(|| headers.get_all(header::CONTENT_LENGTH));
     for v in lengths.into_iter().flatten() {
