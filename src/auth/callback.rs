@@ -157,7 +157,7 @@ async fn complete_login(
         Ok(crate::session::store::Loaded::Some(old)) => Some(old),
         _ => None,
     };
-    state.store.remove(cookies, previous.as_ref()).await;
+    state.store.remove(cookies, previous.as_deref()).await;
     state
         .store
         .save(cookies, &mut session)

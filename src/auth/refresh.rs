@@ -19,7 +19,7 @@ pub async fn refresh(
 ) -> Result<Response, ApiError> {
     check_csrf(&state, &headers)?;
     let mut session = require_session(&state, &cookies).await?;
-    force_refresh(&state, &cookies, &mut session).await?;
+    force_refresh(&state, &cookies, std::sync::Arc::make_mut(&mut session)).await?;
     let expires_in = session.expires_in(now_s());
     let mut resp = Json(serde_json::json!({ "expires_in": expires_in })).into_response();
     resp.headers_mut()

@@ -1,6 +1,8 @@
 //! The checks in front of every session-using endpoint: CSRF defence (custom header, Fetch
 //! Metadata, Origin), then the session itself with its timeouts.
 
+use std::sync::Arc;
+
 use http::{header, HeaderMap};
 use tower_cookies::Cookies;
 
@@ -50,7 +52,7 @@ pub fn check_csrf(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError>
 pub async fn require_session(
     state: &AppState,
     cookies: &RequestCookies,
-) -> Result<Session, ApiError> {
+) -> Result<Arc<Session>, ApiError> {
     match optional_session(state, cookies).await? {
         Some(s) => Ok(s),
         None => Err(ApiError::unauthorized("no session: log in first")),
@@ -58,10 +60,13 @@ pub async fn require_session(
 }
 
 /// Loads the session if there is a usable one; unreadable or expired cookies are cleared.
+///
+/// The session is shared with the store's cache of opened sessions (no copy per request); a
+/// caller that changes it gets its own copy (`Arc::make_mut`).
 pub async fn optional_session(
     state: &AppState,
     cookies: &RequestCookies,
-) -> Result<Option<Session>, ApiError> {
+) -> Result<Option<Arc<Session>>, ApiError> {
     let store = &state.store;
     let mut session = match store.load(cookies).await.map_err(store_error)? {
         Loaded::None => return Ok(None),
@@ -80,8 +85,9 @@ pub async fn optional_session(
         return Ok(None);
     }
     if now.saturating_sub(session.last_seen) >= touch_interval_s(cfg.idle_timeout) {
+        let session = Arc::make_mut(&mut session);
         session.last_seen = now;
-        match store.save(cookies, &mut session).await {
+        match store.save(cookies, session).await {
             // Another request wrote the session meanwhile (e.g. a refresh): its write stands.
             Ok(()) | Err(StoreError::Conflict) => {}
             Err(e) => return Err(store_error(e)),
@@ -112,12 +118,13 @@ pub fn store_error(e: StoreError) -> ApiError {
 pub async fn ensure_fresh(
     state: &AppState,
     cookies: &Cookies,
-    session: &mut Session,
+    session: &mut Arc<Session>,
 ) -> Result<(), ApiError> {
     let now = now_s();
     if !session.needs_refresh(now, state.config.oauth.refresh_skew) {
         return Ok(());
     }
+    let session = Arc::make_mut(session);
     // Boxed: the refresh path's future is large and rarely taken; inline, it would make every
     // API call's future (moved several times through the middleware) kilobytes bigger.
     Box::pin(refresh_now(state, cookies, session, true))

@@ -223,7 +223,7 @@ impl RouteTokens {
 pub async fn user_token(
     state: &AppState,
     cookies: &Cookies,
-    session: &mut Session,
+    session: &mut Arc<Session>,
     route: &RouteConfig,
 ) -> Result<AccessToken, ApiError> {
     if let Some(exchange) = &route.exchange {
@@ -264,12 +264,12 @@ pub async fn user_token(
                 }
             };
             if let Some(rotated) = out.rotated {
-                *session = rotated;
+                *session = Arc::new(rotated);
                 // Server-side stores wrote it under the lease already.
                 if !state.store.is_server_side() {
                     state
                         .store
-                        .save(cookies, session)
+                        .save(cookies, Arc::make_mut(session))
                         .await
                         .map_err(store_error)?;
                 }
@@ -288,7 +288,7 @@ pub async fn user_token(
 async fn exchanged_token(
     state: &AppState,
     cookies: &Cookies,
-    session: &mut Session,
+    session: &mut Arc<Session>,
     route: &RouteConfig,
     exchange: &crate::config::Exchange,
 ) -> Result<AccessToken, ApiError> {

@@ -40,7 +40,8 @@ pub enum Loaded {
     /// The browser sent a session cookie that we could not use (tampered, old key, junk, or a
     /// session that no longer exists server-side).
     Unreadable,
-    Some(Session),
+    /// Shared with the cache of opened sessions: copied only if the caller changes it.
+    Some(Arc<Session>),
 }
 
 #[derive(Debug, Clone)]
@@ -89,7 +90,7 @@ pub struct Downscoped {
 /// while its session is in use and at most two periods after, and the memory held follows the
 /// sessions active in the last few minutes, never more than [`OPENED_MAX`] entries and
 /// [`OPENED_MAX_BYTES`].
-pub(crate) struct OpenedCache<V = Session> {
+pub(crate) struct OpenedCache<V = Arc<Session>> {
     gens: Mutex<Generations<V>>,
 }
 
@@ -113,7 +114,7 @@ pub(crate) trait Opened: Clone {
     fn session_id(&self) -> &str;
 }
 
-impl Opened for Session {
+impl Opened for Arc<Session> {
     fn session_id(&self) -> &str {
         &self.id
     }
@@ -347,7 +348,7 @@ impl SessionStore {
                 if let Some(sid) = self.opened_ids.get(&sealed) {
                     return Ok(Box::pin(r.get(&sid))
                         .await?
-                        .map_or(Loaded::Unreadable, Loaded::Some));
+                        .map_or(Loaded::Unreadable, |s| Loaded::Some(Arc::new(s))));
                 }
             }
         }
@@ -360,6 +361,7 @@ impl SessionStore {
         match &self.backend {
             Backend::Cookie => match serde_json::from_slice::<Session>(&plain) {
                 Ok(s) => {
+                    let s = Arc::new(s);
                     self.opened.put(&sealed, &s);
                     Ok(Loaded::Some(s))
                 }
@@ -372,7 +374,7 @@ impl SessionStore {
                 self.opened_ids.put(&sealed, &Arc::from(sid));
                 Ok(Box::pin(r.get(sid))
                     .await?
-                    .map_or(Loaded::Unreadable, Loaded::Some))
+                    .map_or(Loaded::Unreadable, |s| Loaded::Some(Arc::new(s))))
             }
         }
     }
@@ -497,10 +499,11 @@ impl SessionStore {
 mod tests {
     use super::*;
 
-    fn session(sub: &str) -> Session {
+    fn session(sub: &str) -> Arc<Session> {
         serde_json::from_value(serde_json::json!({
             "sid": "sid", "at": "at", "sub": sub, "iat": 1, "seen": 1, "gen": 0
         }))
+        .map(Arc::new)
         .unwrap_or_else(|e| panic!("session json: {e}"))
     }
 
@@ -509,7 +512,10 @@ mod tests {
         let cache = OpenedCache::default();
         let sealed = format!("{}{}", "A".repeat(100), "tagtagtagtagtagtagtagtag");
         cache.put(&sealed, &session("alice"));
-        assert_eq!(cache.get(&sealed).map(|s| s.subject), Some("alice".into()));
+        assert_eq!(
+            cache.get(&sealed).map(|s| s.subject.clone()),
+            Some("alice".into())
+        );
         // Same tail (the lookup key), other body: never served from the cache.
         let forged = format!("{}{}", "B".repeat(100), "tagtagtagtagtagtagtagtag");
         assert!(cache.get(&forged).is_none());
@@ -579,7 +585,7 @@ mod tests {
             format!("{}{}", "B".repeat(100), "tag3tag3tag3tag3tag3tag3"),
         );
         let (mut alice, bob) = (session("alice"), session("bob"));
-        alice.id = "sid-alice".into();
+        Arc::make_mut(&mut alice).id = "sid-alice".into();
         cache.put_at(&a1, &alice, t0);
         // A later value of the same session, in the next generation.
         cache.put_at(&a2, &alice, t0 + OPENED_PERIOD + Duration::from_secs(1));

@@ -341,7 +341,7 @@ impl RedisStore {
         let (Some(generation), Some(data)) = (generation, data) else {
             return Ok(None);
         };
-        let mut s = match self.opened.get(&data) {
+        let s = match self.opened.get(&data) {
             Some(s) => s,
             None => {
                 let Some(plain) = self.sealer.open(key.as_bytes(), &data) else {
@@ -350,6 +350,7 @@ impl RedisStore {
                 let Ok(s) = serde_json::from_slice::<Session>(&plain) else {
                     return Ok(None);
                 };
+                let s = Arc::new(s);
                 self.opened.put(&data, &s);
                 s
             }
@@ -357,6 +358,7 @@ impl RedisStore {
         if s.id != sid {
             return Ok(None);
         }
+        let mut s = Arc::unwrap_or_clone(s);
         s.generation = generation;
         Ok(Some(s))
     }
