@@ -255,14 +255,14 @@ proptest! {
         let mut raw = URL_SAFE_NO_PAD.decode(&sealed).expect("base64url");
         let i = at.index(raw.len());
         raw[i] ^= flip;
-        prop_assert_eq!(s.open(b"tg_session", &URL_SAFE_NO_PAD.encode(&raw)), None, "byte {}", i);
+        prop_assert_eq!(s.open(b"tg_session", URL_SAFE_NO_PAD.encode(&raw)), None, "byte {}", i);
         // Truncated or extended by one byte: refused too.
         raw[i] ^= flip;
         let shorter = &raw[..raw.len() - 1];
-        prop_assert_eq!(s.open(b"tg_session", &URL_SAFE_NO_PAD.encode(shorter)), None);
+        prop_assert_eq!(s.open(b"tg_session", URL_SAFE_NO_PAD.encode(shorter)), None);
         let mut longer = raw.clone();
         longer.push(flip);
-        prop_assert_eq!(s.open(b"tg_session", &URL_SAFE_NO_PAD.encode(&longer)), None);
+        prop_assert_eq!(s.open(b"tg_session", URL_SAFE_NO_PAD.encode(&longer)), None);
     }
 
     #[test]

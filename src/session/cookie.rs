@@ -110,17 +110,19 @@ impl CookieRules {
 
     // ---- the session ----
 
-    /// The sealed session value the browser sent, reassembled from its chunks.
-    pub fn read_session<'a>(&self, cookies: &'a RequestCookies) -> Option<Cow<'a, str>> {
-        if let Some(v) = cookies.sent(&self.session_name) {
+    /// The sealed session value the browser sent, reassembled from its chunks. As bytes: it is
+    /// kilobytes long and only ever compared and base64-decoded (which refuses anything but its
+    /// alphabet), so it is not UTF-8-checked on every request.
+    pub fn read_session<'a>(&self, cookies: &'a RequestCookies) -> Option<Cow<'a, [u8]>> {
+        if let Some(v) = cookies.sent_bytes(&self.session_name) {
             if !v.is_empty() {
                 return Some(Cow::Borrowed(v));
             }
         }
-        let mut out = String::new();
+        let mut out = Vec::new();
         for i in 0..MAX_CHUNKS {
-            match cookies.sent(&format!("{}.{i}", self.session_name)) {
-                Some(v) if !v.is_empty() => out.push_str(v),
+            match cookies.sent_bytes(&format!("{}.{i}", self.session_name)) {
+                Some(v) if !v.is_empty() => out.extend_from_slice(v),
                 _ => break,
             }
         }
@@ -255,12 +257,18 @@ impl RequestCookies {
     /// The value of the last cookie named `name` that the browser sent (only its value is
     /// checked for UTF-8: a session cookie is kilobytes long, the others need no check).
     pub fn sent(&self, name: &str) -> Option<&str> {
+        self.sent_bytes(name)
+            .and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// [`Self::sent`], as the bytes sent.
+    pub fn sent_bytes(&self, name: &str) -> Option<&[u8]> {
         self.sent
             .iter()
             .flat_map(|v| cookie_pairs(v.as_bytes()))
             .filter(|(n, _)| *n == name.as_bytes())
             .last()
-            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+            .map(|(_, v)| v)
     }
 }
 
@@ -373,7 +381,7 @@ mod tests {
         assert_eq!(c.sent("junk"), None);
         assert_eq!(c.sent(""), None);
         let r = CookieRules::new(false);
-        assert_eq!(r.read_session(&c).as_deref(), Some("second"));
+        assert_eq!(r.read_session(&c).as_deref(), Some(&b"second"[..]));
         let none = RequestCookies::new(&HeaderMap::new(), Cookies::default());
         assert!(r.read_session(&none).is_none());
         assert!(!r.has_session_cookie(&none));
@@ -405,7 +413,7 @@ mod tests {
             HeaderValue::from_str(&sent.join("; ")).expect("header"),
         );
         let back = RequestCookies::new(&headers, Cookies::default());
-        assert_eq!(r.read_session(&back).as_deref(), Some(big.as_str()));
+        assert_eq!(r.read_session(&back).as_deref(), Some(big.as_bytes()));
         assert!(r.has_session_cookie(&back));
         assert!(!r.write_session(
             &jar,

@@ -22,6 +22,9 @@ pub fn touch_interval_s(idle: std::time::Duration) -> u64 {
     (idle.as_secs() / 4).clamp(1, MAX_TOUCH_INTERVAL_S)
 }
 
+/// Looked up by a ready name on every API call (a `&str` is parsed as a name first).
+static SEC_FETCH_SITE: http::HeaderName = http::HeaderName::from_static("sec-fetch-site");
+
 /// CSRF defence for state-changing and API requests:
 /// 1. the configured custom header must be present: a cross-site form or `<img>` cannot add it,
 ///    and a cross-origin `fetch` that adds it needs a CORS preflight we never approve;
@@ -35,7 +38,7 @@ pub fn check_csrf(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError>
         )));
     }
     if headers
-        .get("sec-fetch-site")
+        .get(&SEC_FETCH_SITE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"cross-site"))
     {
         return Err(ApiError::forbidden("cross-site requests are not allowed"));

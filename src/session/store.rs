@@ -127,7 +127,7 @@ impl Opened for Arc<str> {
 }
 
 /// Keyed by [`OpenedCache::key`], already a keyed SipHash of the value: hashed once, not twice.
-type OpenedMap<V> = HashMap<u64, (Box<str>, V), std::hash::BuildHasherDefault<KeyIsHash>>;
+type OpenedMap<V> = HashMap<u64, (Box<[u8]>, V), std::hash::BuildHasherDefault<KeyIsHash>>;
 
 /// The hasher of [`OpenedMap`]: the key is itself a hash with a secret key, so it is used as is
 /// (no flooding a bucket without knowing the secret).
@@ -174,7 +174,7 @@ const OPENED_PERIOD: Duration = Duration::from_secs(120);
 
 /// An entry's estimated bytes: the sealed value plus what it opens to (which is smaller than
 /// the value's base64 ciphertext), plus the map's own overhead.
-fn entry_cost(sealed: &str) -> usize {
+fn entry_cost(sealed: &[u8]) -> usize {
     2 * sealed.len() + 128
 }
 
@@ -197,7 +197,7 @@ impl<V> Generations<V> {
         }
     }
 
-    fn insert(&mut self, k: u64, sealed: Box<str>, session: V, now: Instant) {
+    fn insert(&mut self, k: u64, sealed: Box<[u8]>, session: V, now: Instant) {
         let cost = entry_cost(&sealed);
         if self.current.len() >= OPENED_MAX / 2 || self.current_bytes + cost > OPENED_MAX_BYTES / 2
         {
@@ -213,19 +213,19 @@ impl<V> Generations<V> {
 impl<V: Opened> OpenedCache<V> {
     /// The sealed value's tail is its AEAD tag (random per seal): enough to find the entry,
     /// which then must match the whole value.
-    fn key(sealed: &str) -> u64 {
+    fn key(sealed: &[u8]) -> u64 {
         use std::hash::{BuildHasher, Hasher};
-        let tail = &sealed.as_bytes()[sealed.len().saturating_sub(24)..];
+        let tail = &sealed[sealed.len().saturating_sub(24)..];
         let mut h = RANDOM_STATE.build_hasher();
         h.write(tail);
         h.finish()
     }
 
-    pub(crate) fn get(&self, sealed: &str) -> Option<V> {
-        self.get_at(sealed, Instant::now())
+    pub(crate) fn get(&self, sealed: impl AsRef<[u8]>) -> Option<V> {
+        self.get_at(sealed.as_ref(), Instant::now())
     }
 
-    fn get_at(&self, sealed: &str, now: Instant) -> Option<V> {
+    fn get_at(&self, sealed: &[u8], now: Instant) -> Option<V> {
         let mut g = self.gens.lock().ok()?;
         g.rotate_if_due(now);
         let k = Self::key(sealed);
@@ -247,11 +247,11 @@ impl<V: Opened> OpenedCache<V> {
         }
     }
 
-    pub(crate) fn put(&self, sealed: &str, session: &V) {
-        self.put_at(sealed, session, Instant::now());
+    pub(crate) fn put(&self, sealed: impl AsRef<[u8]>, session: &V) {
+        self.put_at(sealed.as_ref(), session, Instant::now());
     }
 
-    fn put_at(&self, sealed: &str, session: &V, now: Instant) {
+    fn put_at(&self, sealed: &[u8], session: &V, now: Instant) {
         if let Ok(mut g) = self.gens.lock() {
             g.rotate_if_due(now);
             g.insert(Self::key(sealed), sealed.into(), session.clone(), now);
@@ -530,7 +530,7 @@ mod tests {
     fn opened_cache_stays_bounded() {
         let cache = OpenedCache::default();
         for i in 0..(OPENED_MAX * 3) {
-            cache.put(&format!("value-{i:08}-and-some-tag-bytes"), &session("bob"));
+            cache.put(format!("value-{i:08}-and-some-tag-bytes"), &session("bob"));
         }
         let n = cache.gens.lock().map_or(usize::MAX, |g| g.len());
         assert!(n <= OPENED_MAX, "{n} entries");
@@ -545,7 +545,7 @@ mod tests {
         let cache = OpenedCache::default();
         let big = "x".repeat(64 * 1024);
         for i in 0..200 {
-            cache.put(&format!("{big}{i:024}"), &session("carol"));
+            cache.put(format!("{big}{i:024}"), &session("carol"));
         }
         let (n, bytes) = cache.gens.lock().map_or((usize::MAX, usize::MAX), |g| {
             let all = g.current.values().chain(g.previous.values());
@@ -563,14 +563,14 @@ mod tests {
             format!("{}{}", "U".repeat(100), "used-tag-used-tag-used-t"),
             format!("{}{}", "I".repeat(100), "idle-tag-idle-tag-idle-t"),
         );
-        cache.put_at(&used, &session("u"), t0);
-        cache.put_at(&idle, &session("i"), t0);
+        cache.put_at(used.as_bytes(), &session("u"), t0);
+        cache.put_at(idle.as_bytes(), &session("i"), t0);
         let later = |n: u32| t0 + OPENED_PERIOD * n + Duration::from_secs(1);
         for n in 1..=4 {
-            assert!(cache.get_at(&used, later(n)).is_some(), "period {n}");
+            assert!(cache.get_at(used.as_bytes(), later(n)).is_some(), "period {n}");
         }
         // Two periods without a lookup: the idle entry is gone (it would be opened again).
-        assert!(cache.get_at(&idle, later(4)).is_none());
+        assert!(cache.get_at(idle.as_bytes(), later(4)).is_none());
         let n = cache.gens.lock().map_or(usize::MAX, |g| g.len());
         assert_eq!(n, 1);
     }
@@ -586,15 +586,15 @@ mod tests {
         );
         let (mut alice, bob) = (session("alice"), session("bob"));
         Arc::make_mut(&mut alice).id = "sid-alice".into();
-        cache.put_at(&a1, &alice, t0);
+        cache.put_at(a1.as_bytes(), &alice, t0);
         // A later value of the same session, in the next generation.
-        cache.put_at(&a2, &alice, t0 + OPENED_PERIOD + Duration::from_secs(1));
-        cache.put_at(&b, &bob, t0 + OPENED_PERIOD + Duration::from_secs(1));
+        cache.put_at(a2.as_bytes(), &alice, t0 + OPENED_PERIOD + Duration::from_secs(1));
+        cache.put_at(b.as_bytes(), &bob, t0 + OPENED_PERIOD + Duration::from_secs(1));
         cache.forget("sid-alice");
         assert!(cache.get(&a1).is_none());
         assert!(cache.get(&a2).is_none());
         assert!(cache.get(&b).is_some(), "another session was forgotten");
         let bytes = cache.gens.lock().map_or(usize::MAX, |g| g.current_bytes);
-        assert_eq!(bytes, entry_cost(&b));
+        assert_eq!(bytes, entry_cost(b.as_bytes()));
     }
 }
