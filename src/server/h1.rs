@@ -66,8 +66,15 @@ where
 {
     let mut buf = BytesMut::with_capacity(READ);
     let mut out = Vec::new();
-    let deadline = tokio::time::sleep(settings.header_read_timeout);
+    // The header-read timeout: `due` is when the head being waited for must be complete; the
+    // timer is moved to it only when it goes off early (it was set for an earlier head), not for
+    // every request (a timer reset costs more than reading the clock).
+    let mut due = tokio::time::Instant::now() + settings.header_read_timeout;
+    let deadline = tokio::time::sleep_until(due);
     tokio::pin!(deadline);
+    // After each answer the signal is only read (cheaper than polling the wait for it): true, or
+    // its sender gone, closes the connection, as the wait would.
+    let signal = stop.clone();
     // One wait for the stop signal for the connection's life (registered once, not per request).
     let stopping = super::stopped(stop);
     tokio::pin!(stopping);
@@ -83,9 +90,7 @@ where
                 return Ended::HandOver(stream, buf);
             }
             if !armed {
-                deadline
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + settings.header_read_timeout);
+                due = tokio::time::Instant::now() + settings.header_read_timeout;
                 armed = true;
             }
             if buf.capacity() - buf.len() < READ / 8 {
@@ -99,6 +104,10 @@ where
                     Ok(_) => {}
                 },
                 () = &mut deadline => {
+                    if tokio::time::Instant::now() < due {
+                        deadline.as_mut().reset(due);
+                        continue;
+                    }
                     return if idle { Ended::Closed } else { Ended::TimedOut(stream) };
                 }
                 () = &mut stopping, if idle => return Ended::Closed,
@@ -107,7 +116,7 @@ where
         let head_request = request.method() == Method::HEAD;
         let response = handle(request).await;
         let keep = write_answer(&mut stream, &mut out, response, head_request, close).await;
-        if !keep || stopping.as_mut().now_or_never().is_some() {
+        if !keep || *signal.borrow() || signal.has_changed().is_err() {
             let _ = stream.shutdown().await;
             return Ended::Closed;
         }
@@ -1057,6 +1066,37 @@ mod tests {
         let (task, _stop) = start(server, quick, echo(&calls));
         assert!(matches!(task.await.expect("task"), Ended::Closed));
         assert_eq!(calls.load(Ordering::Relaxed), 0);
+    }
+
+    /// The header-read timer is moved to the current head's deadline only when it goes off early:
+    /// a connection in steady use for several timeouts stays open, and a slow head on it is still
+    /// timed out.
+    #[tokio::test]
+    async fn the_header_timeout_follows_each_new_head() {
+        let timeout = Settings {
+            header_read_timeout: Duration::from_millis(1000),
+            ..settings()
+        };
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (mut client, server) = pair().await;
+        let (task, _stop) = start(server, timeout, echo(&calls));
+        let mut pending = Vec::new();
+        // 2.5 timeouts of requests, 250 ms apart.
+        for i in 0..10 {
+            let req = format!("GET /{i} HTTP/1.1\r\n\r\n");
+            client.write_all(req.as_bytes()).await.expect("write");
+            let (head, body) = answer(&mut client, &mut pending).await;
+            assert!(head.starts_with("http/1.1 200"), "{head}");
+            assert_eq!(body, format!("GET /{i} ").as_bytes());
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert!(!task.is_finished(), "closed while in use");
+        client
+            .write_all(b"GET /slow HTTP/1.1\r\nHo")
+            .await
+            .expect("write");
+        assert!(matches!(task.await.expect("task"), Ended::TimedOut(_)));
+        assert_eq!(calls.load(Ordering::Relaxed), 10);
     }
 
     #[tokio::test]

@@ -567,7 +567,10 @@ mod tests {
         cache.put_at(idle.as_bytes(), &session("i"), t0);
         let later = |n: u32| t0 + OPENED_PERIOD * n + Duration::from_secs(1);
         for n in 1..=4 {
-            assert!(cache.get_at(used.as_bytes(), later(n)).is_some(), "period {n}");
+            assert!(
+                cache.get_at(used.as_bytes(), later(n)).is_some(),
+                "period {n}"
+            );
         }
         // Two periods without a lookup: the idle entry is gone (it would be opened again).
         assert!(cache.get_at(idle.as_bytes(), later(4)).is_none());
@@ -588,8 +591,16 @@ mod tests {
         Arc::make_mut(&mut alice).id = "sid-alice".into();
         cache.put_at(a1.as_bytes(), &alice, t0);
         // A later value of the same session, in the next generation.
-        cache.put_at(a2.as_bytes(), &alice, t0 + OPENED_PERIOD + Duration::from_secs(1));
-        cache.put_at(b.as_bytes(), &bob, t0 + OPENED_PERIOD + Duration::from_secs(1));
+        cache.put_at(
+            a2.as_bytes(),
+            &alice,
+            t0 + OPENED_PERIOD + Duration::from_secs(1),
+        );
+        cache.put_at(
+            b.as_bytes(),
+            &bob,
+            t0 + OPENED_PERIOD + Duration::from_secs(1),
+        );
         cache.forget("sid-alice");
         assert!(cache.get(&a1).is_none());
         assert!(cache.get(&a2).is_none());
