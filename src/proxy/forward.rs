@@ -13,7 +13,7 @@ use tower::ServiceExt;
 
 use super::headers;
 use super::path::is_clean;
-use super::upstream::{origin_form, upstream_url, UpstreamBody};
+use super::upstream::{origin_form, upstream_url, UpstreamBody, UpstreamError};
 use crate::config::{RouteConfig, RouteToken};
 use crate::error::ApiError;
 use crate::session::cookie::RequestCookies;
@@ -233,13 +233,14 @@ async fn send(
     route: &RouteConfig,
     upstream_req: http::Request<Body>,
 ) -> Result<http::Response<UpstreamBody>, ApiError> {
-    let sent = tokio::time::timeout(route.timeout, state.upstreams.send(route, upstream_req)).await;
-    match sent {
-        Err(_) => {
+    let due = tokio::time::Instant::now() + route.timeout;
+    match state.upstreams.send(route, upstream_req, due).await {
+        Ok(r) => Ok(r),
+        Err(UpstreamError::TimedOut) => {
             state.metrics.upstream_error(&route.prefix, "timeout");
             Err(ApiError::gateway_timeout("the API did not answer in time"))
         }
-        Ok(Err(e)) => {
+        Err(e) => {
             // The browser's body outgrew server.max_body_bytes while streaming: its fault.
             if caused_by::<http_body_util::LengthLimitError>(&e) {
                 return Err(ApiError::new(
@@ -251,7 +252,6 @@ async fn send(
             state.metrics.upstream_error(&route.prefix, "error");
             Err(ApiError::bad_gateway("the API could not be reached").with_cause(e))
         }
-        Ok(Ok(r)) => Ok(r),
     }
 }
 

@@ -100,6 +100,8 @@ pub enum UpstreamError {
     Wire(#[from] h1::Error),
     #[error("the route has no upstream")]
     NoRoute,
+    #[error("the API did not answer within the route's timeout")]
+    TimedOut,
 }
 
 fn connector() -> anyhow::Result<HttpsConnector> {
@@ -161,13 +163,15 @@ impl Upstreams {
     }
 
     /// Sends `req` (origin-form URI, see [`origin_form`]) to `route`'s API on a pooled
-    /// connection, or a new one. A pooled connection that turns out closed before the request
+    /// connection, or a new one, and waits for the head of the answer until `due` (then
+    /// [`UpstreamError::TimedOut`]). A pooled connection that turns out closed before the request
     /// went out is set aside and the request goes on another; once sent, a request is never
     /// sent again.
     pub async fn send(
         &self,
         route: &RouteConfig,
         mut req: http::Request<Body>,
+        due: tokio::time::Instant,
     ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
         let i = self.index(route).ok_or(UpstreamError::NoRoute)?;
         let target = self.targets.get(i).ok_or(UpstreamError::NoRoute)?;
@@ -180,9 +184,23 @@ impl Upstreams {
         if bodiless(&req) {
             let head = h1::encode_head(req.method(), req.uri(), req.headers());
             return self
-                .send_own(target, pool, &head, req.method().clone())
+                .send_own(target, pool, &head, req.method().clone(), due)
                 .await;
         }
+        // Boxed: a call with a body is the rare one; inline, hyper's futures would make every
+        // call's future larger.
+        tokio::time::timeout_at(due, Box::pin(self.send_hyper(target, pool, req)))
+            .await
+            .unwrap_or(Err(UpstreamError::TimedOut))
+    }
+
+    /// A call with a body (or anything else not bodiless), on a hyper client connection.
+    async fn send_hyper(
+        &self,
+        target: &Target,
+        pool: &Pool,
+        mut req: http::Request<Body>,
+    ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
         loop {
             let (mut conn, reused) = match take(&pool.hyper) {
                 Some(c) => (c, true),
@@ -216,18 +234,28 @@ impl Upstreams {
         pool: &Pool,
         head: &[u8],
         method: http::Method,
+        due: tokio::time::Instant,
     ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
         loop {
             let (mut conn, reused) = match take(&pool.own) {
                 Some(c) => (c, true),
-                None => (h1::Conn::new(Box::pin(self.dial(target)).await?), false),
+                None => {
+                    let dialed = tokio::time::timeout_at(due, Box::pin(self.dial(target)))
+                        .await
+                        .map_err(|_| UpstreamError::TimedOut)??;
+                    (h1::Conn::new(dialed), false)
+                }
             };
-            match conn.exchange(head, &method).await {
+            match conn.exchange(head, &method, due).await {
                 Ok((resp, framing, keep)) => {
                     let answer = h1::Answer::new(conn, framing, keep);
                     return Ok(resp.map(|()| UpstreamBody::own(answer, pool)));
                 }
                 Err(f) if f.retry && reused => continue,
+                Err(h1::Failed {
+                    error: h1::Error::TimedOut,
+                    ..
+                }) => return Err(UpstreamError::TimedOut),
                 Err(f) => return Err(f.error.into()),
             }
         }
@@ -512,6 +540,8 @@ mod tests {
         ReplyThenClose(&'static str),
         /// Closes the connection without a byte.
         Close,
+        /// Keeps the connection open and answers nothing.
+        Silent,
     }
 
     /// An API on 127.0.0.1 following `script`; the requests it read, each with the number of
@@ -560,6 +590,7 @@ mod tests {
                                 return;
                             }
                             Script::Close => return,
+                            Script::Silent => std::future::pending::<()>().await,
                         }
                     }
                 });
@@ -569,6 +600,15 @@ mod tests {
     }
 
     async fn call(u: &Upstreams, method: &str, path: &str) -> Result<(u16, String), UpstreamError> {
+        call_within(u, method, path, Duration::from_secs(30)).await
+    }
+
+    async fn call_within(
+        u: &Upstreams,
+        method: &str,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<(u16, String), UpstreamError> {
         use http_body_util::BodyExt;
         let req = http::Request::builder()
             .method(method)
@@ -576,7 +616,8 @@ mod tests {
             .header("x-call", path)
             .body(Body::empty())
             .expect("request");
-        let resp = u.send(&u.routes[0], req).await?;
+        let due = tokio::time::Instant::now() + timeout;
+        let resp = u.send(&u.routes[0], req, due).await?;
         let status = resp.status().as_u16();
         let body = resp.into_body().collect().await?.to_bytes();
         Ok((status, String::from_utf8_lossy(&body).into_owned()))
@@ -637,6 +678,30 @@ mod tests {
         assert!(heads[0].starts_with("GET /a HTTP/1.1\r\n"), "{}", heads[0]);
         assert!(heads[0].contains("\r\nhost: 127.0.0.1:"), "{}", heads[0]);
         assert!(!heads[4].contains("content-length"), "{}", heads[4]);
+    }
+
+    /// The route timeout's timer lives with the connection and is moved only when it goes off
+    /// early: a call on a connection idle for longer than the timeout still gets its full time,
+    /// and a call the API leaves unanswered still ends at its timeout.
+    #[tokio::test]
+    async fn the_route_timeout_holds_on_a_kept_connection_and_only_then() {
+        let (url, seen) = scripted(vec![
+            Script::Reply("HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n1"),
+            Script::Reply("HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n2"),
+            Script::Silent,
+        ])
+        .await;
+        let u = Upstreams::new(&[route(&url, false)]).expect("upstreams");
+        let timeout = Duration::from_millis(300);
+        let a = call_within(&u, "GET", "/a", timeout).await.expect("a");
+        assert_eq!(a, (200, "1".into()));
+        // Idle past the timeout: the connection's timer goes off meanwhile.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let b = call_within(&u, "GET", "/b", timeout).await.expect("b");
+        assert_eq!(b, (200, "2".into()));
+        let c = call_within(&u, "GET", "/c", timeout).await;
+        assert!(matches!(c, Err(UpstreamError::TimedOut)), "{c:?}");
+        assert_eq!(conns(&seen), [1, 1, 1]);
     }
 
     #[tokio::test]

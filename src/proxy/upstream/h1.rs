@@ -101,6 +101,8 @@ pub enum Error {
     Closed,
     #[error("the API's answer is not valid HTTP/1.1: {0}")]
     Invalid(&'static str),
+    #[error("the API did not answer in time")]
+    TimedOut,
 }
 
 /// A failed exchange, and whether the request may go on another connection: it did not go out
@@ -127,6 +129,9 @@ pub enum Framing {
 pub struct Conn {
     io: Io,
     buf: BytesMut,
+    /// The timer of the route timeout, kept with the connection (see [`Conn::exchange`]); boxed
+    /// so that a connection stays small as it moves between the pool, a call and its body.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Conn {
@@ -134,6 +139,7 @@ impl Conn {
         Self {
             io: io.into(),
             buf: BytesMut::new(),
+            timer: None,
         }
     }
 
@@ -152,63 +158,101 @@ impl Conn {
     }
 
     /// Sends `head` (a request without a body, see [`encode_head`]) and reads the head of its
-    /// answer, skipping interim (1xx) answers.
+    /// answer, skipping interim (1xx) answers, by `due` (the route's timeout; after it,
+    /// [`Error::TimedOut`]).
+    ///
+    /// The timer lives with the connection and is moved to `due` only when it goes off early (it
+    /// was set for an earlier call on this connection) or is set later than `due`: resetting a
+    /// timer for every call costs more than reading the clock.
     pub async fn exchange(
         &mut self,
         head: &[u8],
         method: &Method,
+        due: tokio::time::Instant,
     ) -> Result<(http::Response<()>, Framing, bool), Failed> {
-        let sent = async {
-            self.io.write_all(head).await?;
-            self.io.flush().await
-        };
-        if let Err(e) = sent.await {
+        let Self { io, buf, timer } = self;
+        let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if timer.deadline() > due {
+            timer.as_mut().reset(due);
+        }
+        let work = exchange(io, buf, head, method);
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                biased;
+                done = &mut work => return done,
+                () = timer.as_mut() => {
+                    if tokio::time::Instant::now() < due {
+                        timer.as_mut().reset(due);
+                    } else {
+                        return Err(Failed {
+                            error: Error::TimedOut,
+                            retry: false,
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`Conn::exchange`] without the timeout.
+async fn exchange(
+    io: &mut Io,
+    buf: &mut BytesMut,
+    head: &[u8],
+    method: &Method,
+) -> Result<(http::Response<()>, Framing, bool), Failed> {
+    let sent = async {
+        io.write_all(head).await?;
+        io.flush().await
+    };
+    if let Err(e) = sent.await {
+        return Err(Failed {
+            error: e.into(),
+            retry: true,
+        });
+    }
+    let safe = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
+    let mut answered = false;
+    loop {
+        match parse_head(buf, method == Method::HEAD) {
+            Ok(Some(head)) => return Ok(head),
+            Ok(None) => {}
+            Err(error) => {
+                return Err(Failed {
+                    error,
+                    retry: false,
+                })
+            }
+        }
+        if buf.len() >= MAX_HEAD {
             return Err(Failed {
-                error: e.into(),
-                retry: true,
+                error: Error::Invalid("the head is too large"),
+                retry: false,
             });
         }
-        let safe = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
-        let mut answered = false;
-        loop {
-            match parse_head(&mut self.buf, method == Method::HEAD) {
-                Ok(Some(head)) => return Ok(head),
-                Ok(None) => {}
-                Err(error) => {
-                    return Err(Failed {
-                        error,
-                        retry: false,
-                    })
-                }
-            }
-            if self.buf.len() >= MAX_HEAD {
+        buf.reserve(HEAD_READ);
+        match io.read_buf(buf).await {
+            Ok(0) if !answered => {
                 return Err(Failed {
-                    error: Error::Invalid("the head is too large"),
-                    retry: false,
-                });
+                    error: Error::Closed,
+                    retry: safe,
+                })
             }
-            self.buf.reserve(HEAD_READ);
-            match self.io.read_buf(&mut self.buf).await {
-                Ok(0) if !answered => {
-                    return Err(Failed {
-                        error: Error::Closed,
-                        retry: safe,
-                    })
-                }
-                Ok(0) => {
-                    return Err(Failed {
-                        error: Error::Invalid("the connection closed within the head"),
-                        retry: false,
-                    })
-                }
-                Ok(_) => answered = true,
-                Err(e) => {
-                    let reset = e.kind() == std::io::ErrorKind::ConnectionReset;
-                    return Err(Failed {
-                        error: e.into(),
-                        retry: safe && reset && !answered,
-                    });
-                }
+            Ok(0) => {
+                return Err(Failed {
+                    error: Error::Invalid("the connection closed within the head"),
+                    retry: false,
+                })
+            }
+            Ok(_) => answered = true,
+            Err(e) => {
+                let reset = e.kind() == std::io::ErrorKind::ConnectionReset;
+                return Err(Failed {
+                    error: e.into(),
+                    retry: safe && reset && !answered,
+                });
             }
         }
     }
