@@ -214,6 +214,22 @@ async fn keep_a_timer_due_soon() {
     }
 }
 
+/// For a timer kept across many deadlines (one per connection, not one per request): when it
+/// goes off before `due` (it was set for an earlier deadline), moves it to `due` and returns
+/// true; false once `due` has passed. Moving a timer only when it goes off early costs less than
+/// resetting it for every request.
+pub(crate) fn went_off_early(
+    timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    due: tokio::time::Instant,
+) -> bool {
+    if tokio::time::Instant::now() < due {
+        timer.reset(due);
+        true
+    } else {
+        false
+    }
+}
+
 /// A fresh random session key, base64 (what `tokengate keygen` prints).
 pub fn generate_key() -> String {
     use base64::Engine;

@@ -104,8 +104,7 @@ where
                     Ok(_) => {}
                 },
                 () = &mut deadline => {
-                    if tokio::time::Instant::now() < due {
-                        deadline.as_mut().reset(due);
+                    if crate::went_off_early(deadline.as_mut(), due) {
                         continue;
                     }
                     return if idle { Ended::Closed } else { Ended::TimedOut(stream) };

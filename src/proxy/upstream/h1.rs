@@ -182,9 +182,7 @@ impl Conn {
                 biased;
                 done = &mut work => return done,
                 () = timer.as_mut() => {
-                    if tokio::time::Instant::now() < due {
-                        timer.as_mut().reset(due);
-                    } else {
+                    if !crate::went_off_early(timer.as_mut(), due) {
                         return Err(Failed {
                             error: Error::TimedOut,
                             retry: false,
