@@ -22,7 +22,7 @@ use futures_util::FutureExt;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Body as _;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// Fields per request head, as hyper.
@@ -31,6 +31,9 @@ const MAX_FIELDS: usize = 100;
 const READ: usize = 8 * 1024;
 /// Answer bytes gathered before a write; larger body chunks are written as they come.
 const GATHER: usize = 16 * 1024;
+/// Room for an answer's head (and a small body) taken at once: grown step by step from empty
+/// it would be copied four or five times.
+const ANSWER: usize = 1024;
 
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Settings {
@@ -64,7 +67,7 @@ where
     F: FnMut(Request<Body>) -> Fut,
     Fut: Future<Output = Response<Body>>,
 {
-    let mut buf = BytesMut::with_capacity(READ);
+    let mut buf = BytesMut::new();
     let mut out = Vec::new();
     // The header-read timeout: `due` is when the head being waited for must be complete; the
     // timer is moved to it only when it goes off early (it was set for an earlier head), not for
@@ -93,13 +96,10 @@ where
                 due = tokio::time::Instant::now() + settings.header_read_timeout;
                 armed = true;
             }
-            if buf.capacity() - buf.len() < READ / 8 {
-                buf.reserve(READ);
-            }
             let idle = buf.is_empty();
             tokio::select! {
                 biased;
-                read = stream.read_buf(&mut buf) => match read {
+                read = fill(&stream, &mut buf) => match read {
                     Ok(0) | Err(_) => return Ended::Closed,
                     Ok(_) => {}
                 },
@@ -119,7 +119,31 @@ where
             let _ = stream.shutdown().await;
             return Ended::Closed;
         }
+        if buf.is_empty() {
+            // Waits for the next head without a buffer (see [`fill`]); the next answer is
+            // written from a fresh one too.
+            buf = BytesMut::new();
+            out = Vec::new();
+        }
     }
+}
+
+/// Reads what arrived on `stream` into `buf`, growing it only once the socket is readable. An
+/// idle connection holds no read buffer, so the one a head is read into is memory the allocator
+/// freed last (still in the CPU's cache) rather than one of hundreds of per-connection buffers,
+/// each gone cold while the other connections were served.
+async fn fill(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    std::future::poll_fn(|cx| loop {
+        std::task::ready!(stream.poll_read_ready(cx))?;
+        if buf.capacity() - buf.len() < READ / 8 {
+            buf.reserve(READ);
+        }
+        match stream.try_read_buf(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            read => return std::task::Poll::Ready(read),
+        }
+    })
+    .await
 }
 
 // Returned once per request and taken apart at once: boxing the request would cost an allocation.
@@ -285,6 +309,7 @@ async fn write_answer(
     };
 
     out.clear();
+    out.reserve(ANSWER);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
@@ -453,6 +478,7 @@ mod tests {
     use std::sync::Arc;
 
     use bytes::Bytes;
+    use tokio::io::AsyncReadExt;
     use tokio::sync::watch;
 
     use super::*;

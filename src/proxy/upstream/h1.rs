@@ -591,8 +591,15 @@ impl Answer {
         if self.framing != Framing::Done {
             return None;
         }
-        let conn = self.conn.take()?;
-        (self.keep && conn.buf.is_empty()).then_some(conn)
+        let mut conn = self.conn.take()?;
+        if !self.keep || !conn.buf.is_empty() {
+            return None;
+        }
+        // Idle in the pool without a read buffer: the next answer is read into memory the
+        // allocator hands out then (recently freed, still in the CPU's cache), not into one of
+        // hundreds of per-connection buffers gone cold meanwhile.
+        conn.buf = BytesMut::new();
+        Some(conn)
     }
 
     pub fn is_end_stream(&self) -> bool {
