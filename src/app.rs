@@ -2,7 +2,6 @@
 //! `app(state) -> Router`: tokengate's own endpoints, then everything else (API routes, the SPA)
 //! through one fallback. No I/O here.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -13,8 +12,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use http::{header, HeaderValue, StatusCode};
-use tower::{Service, ServiceExt};
-use tower_cookies::{CookieManager, CookieManagerLayer};
+use tower::ServiceExt;
+use tower_cookies::CookieManagerLayer;
 use tracing::Instrument;
 
 use crate::auth::{backchannel, callback, login, logout, refresh, userinfo};
@@ -25,9 +24,12 @@ use crate::state::AppState;
 use crate::telemetry::RequestLog;
 
 /// The whole app as the server calls it: API calls go straight to the proxy, through the same
-/// edge ([`edge`]: log, metrics, header limit, no-store) and cookie jar as every other request but
-/// without the router's matching, boxed middleware and extractors; everything else goes to the
-/// router.
+/// edge ([`edge`]: log, metrics, header limit, no-store) as every other request but without the
+/// router's matching, boxed middleware, extractors and cookie manager (the proxy adds the
+/// `Set-Cookie`s it writes itself, see [`RequestCookies::standalone`]); everything else goes to
+/// the router.
+///
+/// [`RequestCookies::standalone`]: crate::session::cookie::RequestCookies::standalone
 #[derive(Clone)]
 pub struct App {
     state: AppState,
@@ -51,27 +53,20 @@ impl App {
         if is_api_call(&self.state, req.uri().path()) {
             let state = self.state.clone();
             return Box::pin(async move {
-                edge(&state, req, |req| through_jar(state.clone(), peer, req)).await
+                edge(&state, req, |req| {
+                    // Boxed where the call starts: inline, the edge's future and the connection's
+                    // would each hold the call's kilobyte-sized future and move it on (measured:
+                    // 3.9 KB, built and moved level by level, ~20 KB of `memcpy` per call).
+                    let state = state.clone();
+                    Box::pin(async move { forward::api_call(&state, peer, req).await })
+                })
+                .await
             });
         }
         req.extensions_mut().insert(ConnectInfo(peer));
         let answer = self.router.clone().oneshot(req);
         Box::pin(async move { answer.await.unwrap_or_else(|never| match never {}) })
     }
-}
-
-/// An API call through tower-cookies' jar (as the router's layer does it) to the proxy.
-fn through_jar(state: AppState, peer: SocketAddr, req: Request) -> impl Future<Output = Response> {
-    let proxy = tower::service_fn(move |req: Request| {
-        let state = state.clone();
-        // Boxed where the call starts: inline, the jar's future, the edge's and the connection's
-        // would each hold the call's kilobyte-sized future and move it on (measured: the API
-        // call's future was 3.9 KB, built and moved level by level, ~20 KB of `memcpy` per call).
-        let call = Box::pin(async move { forward::api_call(&state, peer, req).await });
-        futures_util::FutureExt::map(call, Ok::<_, Infallible>)
-    });
-    let answer = CookieManager::new(proxy).call(req);
-    async move { answer.await.unwrap_or_else(|never| match never {}) }
 }
 
 /// True when `path` is under an API route and is not one of tokengate's own endpoints (which

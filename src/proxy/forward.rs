@@ -34,18 +34,15 @@ pub async fn fallback(
     }
 }
 
-/// An API call straight from the server ([`crate::app::App`]): no router, the cookie jar is in
-/// the request's extensions (the cookie manager put it there).
+/// An API call straight from the server ([`crate::app::App`]): no router, and no cookie
+/// manager — the cookies it writes (idle touch, refresh) are added to the answer here.
 pub async fn api_call(state: &AppState, peer: SocketAddr, req: Request) -> Response {
-    let jar = req
-        .extensions()
-        .get::<tower_cookies::Cookies>()
-        .cloned()
-        .unwrap_or_default();
-    let cookies = RequestCookies::new(req.headers(), jar);
-    proxied(state, peer, &cookies, req)
+    let cookies = RequestCookies::standalone(req.headers());
+    let mut answer = proxied(state, peer, &cookies, req)
         .await
-        .unwrap_or_else(|_| ApiError::not_found().into_response())
+        .unwrap_or_else(|_| ApiError::not_found().into_response());
+    cookies.set_cookies(answer.headers_mut());
+    answer
 }
 
 /// The answer to `req` when its path is refused or falls under an API route; otherwise the

@@ -6,6 +6,7 @@
 //! `__Host-` prefix whenever `public_url` is https.
 
 use std::borrow::Cow;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use axum::extract::FromRequestParts;
@@ -138,13 +139,13 @@ impl CookieRules {
 
     /// Writes a sealed session, split when large; stale chunks are removed. Returns false when the
     /// value does not fit in [`MAX_CHUNKS`] cookies.
-    pub fn write_session(&self, cookies: &Cookies, sealed: &str, max_age: Duration) -> bool {
-        let present: Vec<String> = cookies
-            .list()
-            .into_iter()
-            .map(|c| c.name().to_string())
-            .filter(|n| self.is_ours(n) && !n.starts_with(&self.tx_prefix))
-            .collect();
+    pub fn write_session(
+        &self,
+        cookies: &RequestCookies,
+        sealed: &str,
+        max_age: Duration,
+    ) -> bool {
+        let present = self.session_names(cookies);
         let mut written: Vec<String> = Vec::new();
         if sealed.len() <= CHUNK {
             written.push(self.session_name.clone());
@@ -176,14 +177,21 @@ impl CookieRules {
         true
     }
 
+    /// The session cookie and chunk names the browser sent or this request wrote, once each.
+    fn session_names(&self, cookies: &RequestCookies) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        let sent = cookies.pairs().map(|(n, _)| n.to_string());
+        for n in sent.chain(cookies.jar_names()) {
+            if self.is_ours(&n) && !n.starts_with(&self.tx_prefix) && !names.contains(&n) {
+                names.push(n);
+            }
+        }
+        names
+    }
+
     /// Clears the session cookie and every chunk the browser sent (or might hold).
-    pub fn clear_session(&self, cookies: &Cookies) {
-        let mut names: Vec<String> = cookies
-            .list()
-            .into_iter()
-            .map(|c| c.name().to_string())
-            .filter(|n| self.is_ours(n) && !n.starts_with(&self.tx_prefix))
-            .collect();
+    pub fn clear_session(&self, cookies: &RequestCookies) {
+        let mut names = self.session_names(cookies);
         if !names.contains(&self.session_name) {
             names.push(self.session_name.clone());
         }
@@ -193,7 +201,7 @@ impl CookieRules {
     }
 
     /// Clears every tokengate cookie the browser sent: session, chunks, login transactions.
-    pub fn clear_all(&self, cookies: &Cookies) {
+    pub fn clear_all(&self, cookies: &RequestCookies) {
         self.clear_session(cookies);
         for n in self.tx_names(cookies) {
             self.clear_tx(cookies, &n);
@@ -207,10 +215,17 @@ impl CookieRules {
 /// percent-decoding pass over every cookie). Like the jar, the last of several cookies of one
 /// name counts; unlike it, nothing is percent-decoded: tokengate's names and values are plain
 /// (base64url), so an encoded one is not ours.
+///
+/// A request through the router gets its jar from tower-cookies' manager, which adds the
+/// `Set-Cookie`s to the answer. An API call skips the manager ([`Self::standalone`]): its jar is
+/// made on the first write (few calls write: the idle touch, a refresh), and
+/// [`Self::set_cookies`] adds what was written.
 #[derive(Clone)]
 pub struct RequestCookies {
     sent: Vec<HeaderValue>,
-    jar: Cookies,
+    jar: OnceLock<Cookies>,
+    /// The jar is ours (not the manager's): its `Set-Cookie`s are added by [`Self::set_cookies`].
+    standalone: bool,
 }
 
 impl std::fmt::Debug for RequestCookies {
@@ -221,11 +236,46 @@ impl std::fmt::Debug for RequestCookies {
 }
 
 impl RequestCookies {
+    /// The cookies of a request that passed tower-cookies' manager, which made `jar`.
     pub fn new(headers: &HeaderMap, jar: Cookies) -> Self {
         Self {
             sent: headers.get_all(header::COOKIE).iter().cloned().collect(),
-            jar,
+            jar: OnceLock::from(jar),
+            standalone: false,
         }
+    }
+
+    /// The cookies of a request that does not pass tower-cookies' manager (an API call): answer
+    /// it through [`Self::set_cookies`].
+    pub fn standalone(headers: &HeaderMap) -> Self {
+        Self {
+            sent: headers.get_all(header::COOKIE).iter().cloned().collect(),
+            jar: OnceLock::new(),
+            standalone: true,
+        }
+    }
+
+    /// Adds to `answer` a `Set-Cookie` for every cookie written, as tower-cookies' manager does
+    /// for its jar (nothing for a jar of the manager's). The jar of a standalone request starts
+    /// empty and tokengate clears a cookie by writing an expired one (never `Cookies::remove`),
+    /// so what it lists is exactly what was written.
+    pub fn set_cookies(&self, answer: &mut HeaderMap) {
+        let Some(jar) = self.jar.get().filter(|_| self.standalone) else {
+            return;
+        };
+        for c in jar.list() {
+            if let Ok(v) = HeaderValue::from_str(&c.to_string()) {
+                answer.append(header::SET_COOKIE, v);
+            }
+        }
+    }
+
+    /// Names of the cookies in the jar, if there is one yet: those sent (decoded) and written
+    /// (the manager's), or written (a standalone request's).
+    fn jar_names(&self) -> Vec<String> {
+        self.jar.get().map_or_else(Vec::new, |jar| {
+            jar.list().iter().map(|c| c.name().to_string()).collect()
+        })
     }
 
     /// (name, value) of every cookie sent, in order; pairs without `=` or without a name, and
@@ -304,7 +354,7 @@ pub fn cookie_pieces(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 impl std::ops::Deref for RequestCookies {
     type Target = Cookies;
     fn deref(&self) -> &Cookies {
-        &self.jar
+        self.jar.get_or_init(Cookies::default)
     }
 }
 
@@ -394,7 +444,7 @@ mod tests {
     #[test]
     fn large_sessions_are_chunked_and_reassembled() {
         let r = CookieRules::new(false);
-        let jar = Cookies::default();
+        let jar = RequestCookies::standalone(&HeaderMap::new());
         let big = "a".repeat(CHUNK * 2 + 10);
         assert!(r.write_session(&jar, &big, Duration::from_secs(60)));
         assert!(jar.get("tg_session.0").is_some());
@@ -420,5 +470,96 @@ mod tests {
             &"a".repeat(CHUNK * MAX_CHUNKS + 1),
             Duration::from_secs(1)
         ));
+    }
+
+    /// Every `Set-Cookie` of `answer` as (name, value, expired).
+    fn set_cookies(answer: &HeaderMap) -> Vec<(String, String, bool)> {
+        let mut out: Vec<_> = answer
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .map(|v| {
+                let c = Cookie::parse(v.to_str().expect("ascii").to_string()).expect("cookie");
+                let gone = c.max_age().is_some_and(|a| a.is_zero());
+                (c.name().to_string(), c.value().to_string(), gone)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn sent(line: &str) -> RequestCookies {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::COOKIE, HeaderValue::from_str(line).expect("header"));
+        RequestCookies::standalone(&headers)
+    }
+
+    #[test]
+    fn a_standalone_request_sets_exactly_what_it_wrote() {
+        let r = CookieRules::new(false);
+        // Nothing written: nothing set (and no jar made).
+        let quiet = sent("tg_session=abc; other=1");
+        let mut answer = HeaderMap::new();
+        quiet.set_cookies(&mut answer);
+        assert!(answer.is_empty());
+        assert!(quiet.jar.get().is_none());
+
+        // A session sent in three chunks, rewritten whole: the chunks the browser holds are
+        // cleared (their names come from the header, the jar started empty).
+        let chunked = sent("tg_session.0=a; tg_session.1=b; tg_session.2=c; other=1");
+        assert!(r.write_session(&chunked, "fresh", Duration::from_secs(60)));
+        let mut answer = HeaderMap::new();
+        chunked.set_cookies(&mut answer);
+        assert_eq!(
+            set_cookies(&answer),
+            vec![
+                ("tg_session".into(), "fresh".into(), false),
+                ("tg_session.0".into(), String::new(), true),
+                ("tg_session.1".into(), String::new(), true),
+                ("tg_session.2".into(), String::new(), true),
+            ]
+        );
+
+        // Written twice in one request (large, then small): the first write's chunks go too.
+        let twice = sent("other=1");
+        let big = "a".repeat(CHUNK + 10);
+        assert!(r.write_session(&twice, &big, Duration::from_secs(60)));
+        assert!(r.write_session(&twice, "small", Duration::from_secs(60)));
+        let mut answer = HeaderMap::new();
+        twice.set_cookies(&mut answer);
+        assert_eq!(
+            set_cookies(&answer),
+            vec![
+                ("tg_session".into(), "small".into(), false),
+                ("tg_session.0".into(), String::new(), true),
+                ("tg_session.1".into(), String::new(), true),
+            ]
+        );
+
+        // Cleared: the session cookie and every chunk sent; another cookie is left alone.
+        let ending = sent("tg_session.0=a; tg_session.1=b; other=1");
+        r.clear_session(&ending);
+        let mut answer = HeaderMap::new();
+        ending.set_cookies(&mut answer);
+        assert_eq!(
+            set_cookies(&answer),
+            vec![
+                ("tg_session".into(), String::new(), true),
+                ("tg_session.0".into(), String::new(), true),
+                ("tg_session.1".into(), String::new(), true),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_managed_request_leaves_set_cookies_to_the_manager() {
+        let r = CookieRules::new(false);
+        let mut headers = HeaderMap::new();
+        headers.insert(header::COOKIE, HeaderValue::from_static("tg_session=abc"));
+        let managed = RequestCookies::new(&headers, Cookies::default());
+        r.clear_session(&managed);
+        assert!(managed.get("tg_session").is_some(), "written to the jar");
+        let mut answer = HeaderMap::new();
+        managed.set_cookies(&mut answer);
+        assert!(answer.is_empty(), "the manager adds them, not us");
     }
 }

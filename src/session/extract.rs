@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use http::{header, HeaderMap};
-use tower_cookies::Cookies;
 
 use super::cookie::RequestCookies;
 use super::store::{Loaded, StoreError};
@@ -120,7 +119,7 @@ pub fn store_error(e: StoreError) -> ApiError {
 /// the session and answers 503 only when the current token has already expired.
 pub async fn ensure_fresh(
     state: &AppState,
-    cookies: &Cookies,
+    cookies: &RequestCookies,
     session: &mut Arc<Session>,
 ) -> Result<(), ApiError> {
     let now = now_s();
@@ -147,7 +146,7 @@ pub async fn ensure_fresh(
 /// Refreshes now (single-flight) and saves the session (`POST /refreshtoken`).
 pub async fn force_refresh(
     state: &AppState,
-    cookies: &Cookies,
+    cookies: &RequestCookies,
     session: &mut Session,
 ) -> Result<(), ApiError> {
     Box::pin(refresh_now(state, cookies, session, false)).await
@@ -157,7 +156,7 @@ pub async fn force_refresh(
 /// refresh token simply keeps using its still-valid token.
 async fn refresh_now(
     state: &AppState,
-    cookies: &Cookies,
+    cookies: &RequestCookies,
     session: &mut Session,
     proactive: bool,
 ) -> Result<(), ApiError> {

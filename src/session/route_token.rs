@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use oauth2::AccessToken;
 use sha2::{Digest, Sha256};
-use tower_cookies::Cookies;
+use super::cookie::RequestCookies;
 
 use super::extract::store_error;
 use super::refresh::RefreshError;
@@ -222,7 +222,7 @@ impl RouteTokens {
 /// route without `resource`/`scopes`, else a token for exactly the route's audience and scopes.
 pub async fn user_token(
     state: &AppState,
-    cookies: &Cookies,
+    cookies: &RequestCookies,
     session: &mut Arc<Session>,
     route: &RouteConfig,
 ) -> Result<AccessToken, ApiError> {
@@ -287,7 +287,7 @@ pub async fn user_token(
 /// scope (RFC 8693), cached per (session, audience, scope).
 async fn exchanged_token(
     state: &AppState,
-    cookies: &Cookies,
+    cookies: &RequestCookies,
     session: &mut Arc<Session>,
     route: &RouteConfig,
     exchange: &crate::config::Exchange,

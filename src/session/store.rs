@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tower_cookies::Cookies;
 
 use super::cookie::{CookieRules, RequestCookies};
 use super::refresh::{grant, grant_for, RefreshError, Rotations};
@@ -381,7 +380,7 @@ impl SessionStore {
 
     /// Persists `session` and (re)writes its cookie. With Redis the write is a compare-and-swap on
     /// `session.generation`, which is advanced on success.
-    pub async fn save(&self, cookies: &Cookies, session: &mut Session) -> Result<(), StoreError> {
+    pub async fn save(&self, cookies: &RequestCookies, session: &mut Session) -> Result<(), StoreError> {
         let started = Instant::now();
         let r = self.save_inner(cookies, session).await;
         self.observe("save", started, &r);
@@ -393,7 +392,7 @@ impl SessionStore {
         Duration::from_secs(session.absolute_deadline(self.absolute).saturating_sub(now))
     }
 
-    async fn save_inner(&self, cookies: &Cookies, session: &mut Session) -> Result<(), StoreError> {
+    async fn save_inner(&self, cookies: &RequestCookies, session: &mut Session) -> Result<(), StoreError> {
         let cookie_value = match &self.backend {
             Backend::Cookie => serde_json::to_vec(session).map_err(|_| StoreError::TooLarge)?,
             Backend::Redis(r) => {
@@ -423,7 +422,7 @@ impl SessionStore {
     }
 
     /// Ends the session: its cookies are cleared and, server-side, it is deleted for every replica.
-    pub async fn remove(&self, cookies: &Cookies, session: Option<&Session>) {
+    pub async fn remove(&self, cookies: &RequestCookies, session: Option<&Session>) {
         if let Some(s) = session {
             match &self.backend {
                 Backend::Cookie => self.opened.forget(&s.id),
