@@ -22,7 +22,7 @@ use futures_util::FutureExt;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Body as _;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Fields per request head, as hyper.
@@ -99,7 +99,7 @@ where
             let idle = buf.is_empty();
             tokio::select! {
                 biased;
-                read = fill(&stream, &mut buf) => match read {
+                read = fill(&mut stream, &mut buf) => match read {
                     Ok(0) | Err(_) => return Ended::Closed,
                     Ok(_) => {}
                 },
@@ -132,16 +132,18 @@ where
 /// idle connection holds no read buffer, so the one a head is read into is memory the allocator
 /// freed last (still in the CPU's cache) rather than one of hundreds of per-connection buffers,
 /// each gone cold while the other connections were served.
-async fn fill(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
-    std::future::poll_fn(|cx| loop {
+///
+/// The read itself is tokio's (`read_buf`), not `try_read_buf`: a read that leaves room in the
+/// buffer has drained the socket, and tokio then forgets the readiness; after `try_read_buf` it
+/// stays, and the wait for the next head costs a `recvfrom` that finds nothing (measured: 0.26
+/// per request).
+async fn fill(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    std::future::poll_fn(|cx| {
         std::task::ready!(stream.poll_read_ready(cx))?;
         if buf.capacity() - buf.len() < READ / 8 {
             buf.reserve(READ);
         }
-        match stream.try_read_buf(buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            read => return std::task::Poll::Ready(read),
-        }
+        std::pin::pin!(stream.read_buf(buf)).poll(cx)
     })
     .await
 }
@@ -478,7 +480,6 @@ mod tests {
     use std::sync::Arc;
 
     use bytes::Bytes;
-    use tokio::io::AsyncReadExt;
     use tokio::sync::watch;
 
     use super::*;
