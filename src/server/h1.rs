@@ -128,10 +128,11 @@ where
     }
 }
 
-/// Reads what arrived on `stream` into `buf`, growing it only once the socket is readable. An
-/// idle connection holds no read buffer, so the one a head is read into is memory the allocator
-/// freed last (still in the CPU's cache) rather than one of hundreds of per-connection buffers,
-/// each gone cold while the other connections were served.
+/// Reads what arrived on `stream` into `buf`, growing it only once the socket is readable: a
+/// keep-alive connection waiting for its next request holds no buffers (as in nginx), which is
+/// what most browser connections do most of the time (measured: 2,000 idle connections cost
+/// 4.7 KB each, 10.7 KB with an 8 KB read buffer kept per connection). The price is an
+/// allocation per request (~1,200 instructions per API call with the upstream side's).
 ///
 /// The read itself is tokio's (`read_buf`), not `try_read_buf`: a read that leaves room in the
 /// buffer has drained the socket, and tokio then forgets the readiness; after `try_read_buf` it
