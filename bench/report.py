@@ -200,6 +200,25 @@ def main():
         w(f"| {label} | {facts[f'{key}_status']} | {nbytes:,} | {mibs:,.0f} | {mem} |")
     w("")
 
+    if "idle_conns" in facts:
+        n = int(facts["idle_conns"])
+        w("## Idle keep-alive connections")
+        w("")
+        w(f"{n:,} connections opened to the proxy, one API call answered on each, then all held "
+          "idle (as browsers keep them between requests) while the proxy's RSS is read "
+          "(nginx: master + workers).")
+        w("")
+        w("| proxy | answered | RSS before | RSS with the idle connections | per idle connection |")
+        w("|---|---:|---:|---:|---:|")
+        for key, label in (("ngx", "nginx plain proxy (B)"), ("tg", "tokengate (C)")):
+            if f"idle_{key}_held_kb" not in facts:
+                continue
+            before, held = int(facts[f"idle_{key}_before_kb"]), int(facts[f"idle_{key}_held_kb"])
+            per = (held - before) / n if n else 0
+            w(f"| {label} | {facts.get(f'idle_{key}_ok') or 0} | {before / MB:.1f} MB | "
+              f"{held / MB:.1f} MB | {per:.1f} kB |")
+        w("")
+
     w("## Start-up to ready")
     w("")
     st = json.loads(facts.get("startup_json", '{"ready_ms":[],"listen_ms":[]}'))

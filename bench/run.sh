@@ -20,7 +20,7 @@
 # Needs: cargo, nginx (Debian nginx-light is enough), wrk, node 20 + npm, curl, python3.
 #   apt-get install -y nginx-light wrk
 # Knobs (environment): ROUNDS=3 DURATION=10 (s per wrk run) WARMUP=3 CONNS="1 32 256"
-#   BIG=1G STARTS=7 STAMPEDE_N=50 STAMPEDE_TTL=4 OUT=bench/results/latest.md SKIP_BUILD=0
+#   BIG=1G STARTS=7 STAMPEDE_N=50 IDLE_CONNS=2000 STAMPEDE_TTL=4 OUT=bench/results/latest.md SKIP_BUILD=0
 #   REDIS_CACHE_MS=5000 (target E's session.redis_cache_ms)
 #   KEEP_WORK=1 (keep the temp dir with every log and raw result)
 #   PROFILE=1 (one extra tokengate run under `perf record`: bench/results/perf-tokengate.txt)
@@ -37,6 +37,7 @@ CONNS=${CONNS:-"1 32 256"}
 BIG=${BIG:-1G}
 STARTS=${STARTS:-7}
 STAMPEDE_N=${STAMPEDE_N:-50}
+IDLE_CONNS=${IDLE_CONNS:-2000}
 STAMPEDE_TTL=${STAMPEDE_TTL:-4}
 OUT=${OUT:-$ROOT/bench/results/latest.md}
 SKIP_BUILD=${SKIP_BUILD:-0}
@@ -647,6 +648,35 @@ transfer dl_tg down "$TG/api/big" -H "Cookie: $COOKIE" -H 'X-CSRF: 1'
 transfer ul_direct up "http://127.0.0.1:$SINK_PORT/upload" -H 'Authorization: Bearer x'
 transfer ul_tg up "$TG/sink/upload" -H "Cookie: $COOKIE" -H 'X-CSRF: 1'
 fact hwm_tg_after_transfers_kb "$(FIELD=VmHWM rss_kb "$TG_PID")"
+
+# ---------------------------------------------------------------- idle keep-alive connections
+# What a proxy holds per browser connection between requests (most of a connection's life):
+# IDLE_CONNS connections, one API call each, then held idle while its RSS is read.
+# idle_rss NAME PORT PIDS HEADER...: facts idle_NAME_before_kb, idle_NAME_held_kb, idle_NAME_ok
+idle_rss() {
+  local name=$1 port=$2 pids=$3 before held i
+  shift 3
+  before=$(rss_kb $pids)
+  python3 bench/idle_conns.py "$port" "$IDLE_CONNS" 4 /api/data "$@" >"$WORK/idle-$name.out" 2>&1 &
+  local pid=$!
+  for i in $(seq 1 300); do
+    grep -q '^ready' "$WORK/idle-$name.out" && break
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  sleep 1
+  held=$(rss_kb $pids)
+  wait "$pid" || true
+  fact "idle_${name}_before_kb" "$before"
+  fact "idle_${name}_held_kb" "$held"
+  fact "idle_${name}_ok" "$(awk '/^ready/ {print $2}' "$WORK/idle-$name.out")"
+  log "$name: $IDLE_CONNS idle connections, RSS $before -> $held kB ($(head -1 "$WORK/idle-$name.out"))"
+}
+log "$IDLE_CONNS idle keep-alive connections"
+fact idle_conns "$IDLE_CONNS"
+idle_rss ngx "$NGX_PORT" "$(nginx_pids "$NGX_PID")"
+COOKIE=$(login_cookie "$TG" "$ISSUER" main)
+idle_rss tg "$TG_PORT" "$TG_PID" "Cookie: $COOKIE" "X-CSRF: 1"
 
 # ---------------------------------------------------------------- start-up to ready
 log "start-up: $STARTS starts, /readyz polled every 5 ms"
