@@ -255,7 +255,11 @@ fn check_session_cookie(data: &[u8]) -> bool {
 
     let sealed = sealer.seal(&aad, &payload);
     let jar = Cookies::default();
-    if rules.write_session(&jar, &sealed, Duration::from_secs(60)) {
+    if rules.write_session(
+        &RequestCookies::writing_to(jar.clone()),
+        &sealed,
+        Duration::from_secs(60),
+    ) {
         let sent = RequestCookies::sent_back(&jar);
         let back = rules
             .read_session(&sent)

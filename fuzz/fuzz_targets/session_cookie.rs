@@ -54,7 +54,11 @@ fn check(data: &[u8]) {
     // A genuine session of any size: written (split when large), read back, opened.
     let sealed = sealer.seal(&aad, &payload);
     let jar = Cookies::default();
-    if rules.write_session(&jar, &sealed, Duration::from_secs(60)) {
+    if rules.write_session(
+        &RequestCookies::writing_to(jar.clone()),
+        &sealed,
+        Duration::from_secs(60),
+    ) {
         let sent = RequestCookies::sent_back(&jar);
         let back = rules
             .read_session(&sent)

@@ -139,12 +139,7 @@ impl CookieRules {
 
     /// Writes a sealed session, split when large; stale chunks are removed. Returns false when the
     /// value does not fit in [`MAX_CHUNKS`] cookies.
-    pub fn write_session(
-        &self,
-        cookies: &RequestCookies,
-        sealed: &str,
-        max_age: Duration,
-    ) -> bool {
+    pub fn write_session(&self, cookies: &RequestCookies, sealed: &str, max_age: Duration) -> bool {
         let present = self.session_names(cookies);
         let mut written: Vec<String> = Vec::new();
         if sealed.len() <= CHUNK {
@@ -243,6 +238,12 @@ impl RequestCookies {
             jar: OnceLock::from(jar),
             standalone: false,
         }
+    }
+
+    /// A request that sent no cookie, writing to `jar` (tests and fuzzing read what was written
+    /// back with [`Self::sent_back`]).
+    pub fn writing_to(jar: Cookies) -> Self {
+        Self::new(&HeaderMap::new(), jar)
     }
 
     /// The cookies of a request that does not pass tower-cookies' manager (an API call): answer

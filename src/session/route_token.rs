@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::cookie::RequestCookies;
 use oauth2::AccessToken;
 use sha2::{Digest, Sha256};
-use super::cookie::RequestCookies;
 
 use super::extract::store_error;
 use super::refresh::RefreshError;

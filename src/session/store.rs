@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-
 use super::cookie::{CookieRules, RequestCookies};
 use super::refresh::{grant, grant_for, RefreshError, Rotations};
 use super::seal::Sealer;
@@ -380,7 +379,11 @@ impl SessionStore {
 
     /// Persists `session` and (re)writes its cookie. With Redis the write is a compare-and-swap on
     /// `session.generation`, which is advanced on success.
-    pub async fn save(&self, cookies: &RequestCookies, session: &mut Session) -> Result<(), StoreError> {
+    pub async fn save(
+        &self,
+        cookies: &RequestCookies,
+        session: &mut Session,
+    ) -> Result<(), StoreError> {
         let started = Instant::now();
         let r = self.save_inner(cookies, session).await;
         self.observe("save", started, &r);
@@ -392,7 +395,11 @@ impl SessionStore {
         Duration::from_secs(session.absolute_deadline(self.absolute).saturating_sub(now))
     }
 
-    async fn save_inner(&self, cookies: &RequestCookies, session: &mut Session) -> Result<(), StoreError> {
+    async fn save_inner(
+        &self,
+        cookies: &RequestCookies,
+        session: &mut Session,
+    ) -> Result<(), StoreError> {
         let cookie_value = match &self.backend {
             Backend::Cookie => serde_json::to_vec(session).map_err(|_| StoreError::TooLarge)?,
             Backend::Redis(r) => {
