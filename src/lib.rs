@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod session;
+mod spare;
 pub mod state;
 pub mod sweep;
 pub mod telemetry;

@@ -230,7 +230,11 @@ async fn exchange(
                 retry: false,
             });
         }
-        buf.reserve(HEAD_READ);
+        if buf.capacity() == 0 {
+            *buf = crate::spare::take(HEAD_READ);
+        } else {
+            buf.reserve(HEAD_READ);
+        }
         match io.read_buf(buf).await {
             Ok(0) if !answered => {
                 return Err(Failed {
@@ -596,8 +600,8 @@ impl Answer {
             return None;
         }
         // Idle in the pool without a read buffer (8 KB per pooled connection otherwise); the
-        // next call takes one as it reads the answer.
-        conn.buf = BytesMut::new();
+        // next call takes one as it reads the answer ([`crate::spare`]).
+        crate::spare::give_back(std::mem::take(&mut conn.buf));
         Some(conn)
     }
 
