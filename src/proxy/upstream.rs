@@ -8,9 +8,18 @@
 //! pool when its response body has been read to the end). A call without a body (nearly all)
 //! goes on our own HTTP/1.1 connection ([`h1`]), read and written by the request's own task; a
 //! call with a body on hyper's client connection.
+//!
+//! Calls without a body share at most [`CONNS_PER_THREAD`] connections per thread and route
+//! while the API keeps up: a call that finds them all busy waits for one to come back (they are
+//! handed over in turn), for at most [`PATIENCE`]; then it opens one more. Under a burst, a
+//! proxy that opens a connection for every call in flight spreads the API's work over hundreds
+//! of connections (with 256 browser connections: ~224 upstream, where nginx keeps ~47), and both
+//! sides spend more per call; a slow API, or a call that holds its connection long (a stream, a
+//! long poll), still gets as many as it needs, each new one after that short wait.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -35,6 +44,11 @@ const MAX_IDLE: usize = 256;
 /// An idle connection older than this is not used again (APIs commonly close theirs after
 /// 60–75 s: reusing one then would race their close).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(55);
+/// Connections of a route that calls without a body share on one thread before a call waits for
+/// one of them to come back (see the module's documentation).
+const CONNS_PER_THREAD: usize = 32;
+/// How long a call waits for a busy connection to come back before it opens one more.
+const PATIENCE: Duration = Duration::from_millis(20);
 
 /// The routes, where each one's API is, and a pool per thread: with a runtime per core (the
 /// binary), every upstream connection is driven on the thread whose requests use it, so a
@@ -45,6 +59,9 @@ pub struct Upstreams {
     connector: HttpsConnector,
     /// This thread's pool of each route (same index as `routes`).
     pools: thread_local::ThreadLocal<Vec<Pool>>,
+    /// [`CONNS_PER_THREAD`] and [`PATIENCE`] (other values in tests).
+    share: usize,
+    patience: Duration,
 }
 
 /// One route's API, prepared at start-up.
@@ -60,8 +77,121 @@ struct Target {
 /// One route's idle connections on one thread: ours (calls without a body) and hyper's.
 #[derive(Default)]
 struct Idles {
-    own: Mutex<Vec<Idle<h1::Conn>>>,
+    own: Mutex<Own>,
     hyper: Mutex<Vec<Idle<SendRequest<Body>>>>,
+}
+
+/// One route's connections for calls without a body, on one thread.
+#[derive(Default)]
+struct Own {
+    idle: Vec<Idle<h1::Conn>>,
+    /// Connections out on a call, or being opened for one.
+    busy: usize,
+    /// Calls waiting for a busy connection, first come first served: each gets a connection
+    /// that came back, or (`None`) the place of one that was closed, to open a new one.
+    waiting: VecDeque<tokio::sync::oneshot::Sender<Option<h1::Conn>>>,
+}
+
+/// What a call without a body goes on.
+enum Checkout {
+    Idle(h1::Conn),
+    /// A new connection, within the share.
+    Dial,
+    /// The share is busy: wait for one of them.
+    Wait(tokio::sync::oneshot::Receiver<Option<h1::Conn>>),
+}
+
+impl Idles {
+    fn own(&self) -> MutexGuard<'_, Own> {
+        // Nothing panics while the lock is held; a poisoned one holds consistent data.
+        self.own.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn checkout(&self, share: usize) -> Checkout {
+        let mut own = self.own();
+        if let Some(conn) = take(&mut own.idle) {
+            own.busy += 1;
+            return Checkout::Idle(conn);
+        }
+        if own.busy < share {
+            own.busy += 1;
+            return Checkout::Dial;
+        }
+        while own.waiting.front().is_some_and(|w| w.is_closed()) {
+            own.waiting.pop_front();
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        own.waiting.push_back(tx);
+        Checkout::Wait(rx)
+    }
+
+    /// One more connection out, beyond the share (a waiting call ran out of patience).
+    fn grow(&self) {
+        self.own().busy += 1;
+    }
+
+    /// A busy connection that can carry another call: to the first waiting call, else idle.
+    fn check_in(&self, mut conn: h1::Conn) {
+        let mut own = self.own();
+        while let Some(w) = own.waiting.pop_front() {
+            // Refused only by a call that stopped waiting: it is given back.
+            let Err(Some(back)) = w.send(Some(conn)) else {
+                return;
+            };
+            conn = back;
+        }
+        own.busy = own.busy.saturating_sub(1);
+        put_back(&mut own.idle, conn);
+    }
+
+    /// A busy connection closed: its place goes to the first waiting call.
+    fn lost(&self) {
+        let mut own = self.own();
+        while let Some(w) = own.waiting.pop_front() {
+            if w.send(None).is_ok() {
+                return;
+            }
+        }
+        own.busy = own.busy.saturating_sub(1);
+    }
+}
+
+/// A call waiting for a busy connection. Dropped (the call was cancelled) after a connection or
+/// a place was handed to it, it passes them on.
+struct Waiting<'a> {
+    rx: tokio::sync::oneshot::Receiver<Option<h1::Conn>>,
+    pool: &'a Pool,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.rx.close();
+        match self.rx.try_recv() {
+            Ok(Some(conn)) => self.pool.check_in(conn),
+            Ok(None) => self.pool.lost(),
+            Err(_) => {}
+        }
+    }
+}
+
+/// A call's place among its route's busy connections: given back with the connection
+/// ([`Lease::check_in`]), or, dropped, counted as a connection closed.
+struct Lease(Option<Pool>);
+
+impl Lease {
+    fn check_in(mut self, conn: h1::Conn) {
+        if let Some(pool) = self.0.take() {
+            pool.check_in(conn);
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(pool) = self.0.take() {
+            pool.lost();
+        }
+    }
 }
 
 type Pool = Arc<Idles>;
@@ -143,6 +273,8 @@ impl Upstreams {
             targets,
             connector,
             pools: thread_local::ThreadLocal::new(),
+            share: CONNS_PER_THREAD,
+            patience: PATIENCE,
         })
     }
 
@@ -202,7 +334,8 @@ impl Upstreams {
         mut req: http::Request<Body>,
     ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
         loop {
-            let (mut conn, reused) = match take(&pool.hyper) {
+            let idle = take(&mut pool.hyper.lock().unwrap_or_else(PoisonError::into_inner));
+            let (mut conn, reused) = match idle {
                 Some(c) => (c, true),
                 // Boxed: connecting (TCP, maybe TLS) makes a large future, and it is rare; inline,
                 // every call's future would carry (and move) it.
@@ -236,8 +369,9 @@ impl Upstreams {
         method: http::Method,
         due: tokio::time::Instant,
     ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
+        let (mut next, lease) = self.lease(pool, due).await?;
         loop {
-            let (mut conn, reused) = match take(&pool.own) {
+            let (mut conn, reused) = match next.take() {
                 Some(c) => (c, true),
                 None => {
                     let dialed = tokio::time::timeout_at(due, Box::pin(self.dial(target)))
@@ -249,9 +383,9 @@ impl Upstreams {
             match conn.exchange(head, &method, due).await {
                 Ok((resp, framing, keep)) => {
                     let answer = h1::Answer::new(conn, framing, keep);
-                    return Ok(resp.map(|()| UpstreamBody::own(answer, pool)));
+                    return Ok(resp.map(|()| UpstreamBody::own(answer, lease)));
                 }
-                Err(f) if f.retry && reused => continue,
+                Err(f) if f.retry && reused => next = take(&mut pool.own().idle),
                 Err(h1::Failed {
                     error: h1::Error::TimedOut,
                     ..
@@ -259,6 +393,36 @@ impl Upstreams {
                 Err(f) => return Err(f.error.into()),
             }
         }
+    }
+
+    /// A place among `pool`'s busy connections, with an idle connection to go on (`None`: open
+    /// one). Waits, when the share is busy, for at most the patience, and never past `due`.
+    async fn lease(
+        &self,
+        pool: &Pool,
+        due: tokio::time::Instant,
+    ) -> Result<(Option<h1::Conn>, Lease), UpstreamError> {
+        let lease = || Lease(Some(pool.clone()));
+        let rx = match pool.checkout(self.share) {
+            Checkout::Idle(conn) => return Ok((Some(conn), lease())),
+            Checkout::Dial => return Ok((None, lease())),
+            Checkout::Wait(rx) => rx,
+        };
+        let mut waiting = Waiting { rx, pool };
+        let until = due.min(tokio::time::Instant::now() + self.patience);
+        if let Ok(Ok(handed)) = tokio::time::timeout_at(until, &mut waiting.rx).await {
+            return Ok((handed, lease()));
+        }
+        // Handed over just as the patience ran out: taken all the same.
+        waiting.rx.close();
+        if let Ok(handed) = waiting.rx.try_recv() {
+            return Ok((handed, lease()));
+        }
+        if tokio::time::Instant::now() >= due {
+            return Err(UpstreamError::TimedOut);
+        }
+        pool.grow();
+        Ok((None, lease()))
     }
 
     /// A new TCP (and maybe TLS) connection to `target`.
@@ -294,8 +458,7 @@ fn bodiless(req: &http::Request<Body>) -> bool {
 }
 
 /// The newest idle connection of `idle` that is still usable and young enough.
-fn take<C: Link>(idle: &Mutex<Vec<Idle<C>>>) -> Option<C> {
-    let mut idle = idle.lock().ok()?;
+fn take<C: Link>(idle: &mut Vec<Idle<C>>) -> Option<C> {
     let now = Instant::now();
     while let Some(mut i) = idle.pop() {
         if now.saturating_duration_since(i.since) < IDLE_TIMEOUT && i.conn.usable() {
@@ -306,8 +469,7 @@ fn take<C: Link>(idle: &Mutex<Vec<Idle<C>>>) -> Option<C> {
 }
 
 /// Back into `idle` once its answer has been read; the oldest idle one goes when it is stale.
-fn put_back<C>(idle: &Mutex<Vec<Idle<C>>>, conn: C) {
-    let Ok(mut idle) = idle.lock() else { return };
+fn put_back<C>(idle: &mut Vec<Idle<C>>, conn: C) {
     let now = Instant::now();
     if idle
         .first()
@@ -331,7 +493,7 @@ enum Answer {
     },
     Own {
         answer: h1::Answer,
-        pool: Option<Pool>,
+        lease: Option<Lease>,
     },
 }
 
@@ -345,10 +507,10 @@ impl UpstreamBody {
         body
     }
 
-    fn own(answer: h1::Answer, pool: &Pool) -> Self {
+    fn own(answer: h1::Answer, lease: Lease) -> Self {
         let mut body = Self(Answer::Own {
             answer,
-            pool: Some(pool.clone()),
+            lease: Some(lease),
         });
         body.release();
         body
@@ -361,17 +523,21 @@ impl UpstreamBody {
                 if hyper::body::Body::is_end_stream(inner) {
                     if let Some((conn, pool)) = back.take() {
                         if !conn.is_closed() {
-                            put_back(&pool.hyper, conn);
+                            let mut idle =
+                                pool.hyper.lock().unwrap_or_else(PoisonError::into_inner);
+                            put_back(&mut idle, conn);
                         }
                     }
                 }
             }
-            Answer::Own { answer, pool } => {
-                // Checked first: `pool.take()` below runs even when `take_idle` gives nothing,
-                // and a body that has not ended must keep its way back to the pool.
+            Answer::Own { answer, lease } => {
+                // A body that has not ended keeps its lease: dropped, it counts as closed.
                 if answer.is_end_stream() {
-                    if let (Some(conn), Some(pool)) = (answer.take_idle(), pool.take()) {
-                        put_back(&pool.own, conn);
+                    if let Some(lease) = lease.take() {
+                        match answer.take_idle() {
+                            Some(conn) => lease.check_in(conn),
+                            None => drop(lease),
+                        }
                     }
                 }
             }
@@ -753,6 +919,102 @@ mod tests {
         assert!(call(&u, "GET", "/c").await.is_err());
         assert_eq!(call(&u, "GET", "/d").await.expect("d"), (200, "ok".into()));
         assert_eq!(conns(&seen), [1, 2, 3, 4]);
+    }
+
+    const OK: &str = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+
+    fn shared(url: &str, share: usize, patience: Duration) -> Upstreams {
+        let mut u = Upstreams::new(&[route(url, false)]).expect("upstreams");
+        u.share = share;
+        u.patience = patience;
+        u
+    }
+
+    /// Twenty calls at once with a share of two: the API sees two connections, each call
+    /// waiting for one to come back.
+    #[tokio::test]
+    async fn calls_beyond_the_share_wait_for_a_connection_to_come_back() {
+        let (url, seen) = scripted(vec![Script::Reply(OK); 20]).await;
+        let u = shared(&url, 2, Duration::from_secs(30));
+        let calls = (0..20).map(|i| {
+            let u = &u;
+            async move { call(u, "GET", &format!("/{i}")).await }
+        });
+        for answer in futures_util::future::join_all(calls).await {
+            assert_eq!(answer.expect("answer"), (200, "ok".into()));
+        }
+        let mut used = conns(&seen);
+        assert_eq!(used.len(), 20);
+        used.sort_unstable();
+        used.dedup();
+        assert_eq!(used, [1, 2]);
+    }
+
+    /// A call the API holds keeps its connection; another call waits for it only as long as
+    /// the patience, then goes on a new one. The held call's place comes back when it ends.
+    #[tokio::test]
+    async fn a_call_the_share_cannot_serve_soon_opens_one_more() {
+        let (url, seen) =
+            scripted(vec![Script::Silent, Script::Reply(OK), Script::Reply(OK)]).await;
+        let u = shared(&url, 1, Duration::from_millis(50));
+        let held = call_within(&u, "GET", "/held", Duration::from_millis(800));
+        let other = async {
+            // After the held call took the connection.
+            tokio::task::yield_now().await;
+            call(&u, "GET", "/other").await
+        };
+        let (held, other) = tokio::join!(held, other);
+        assert!(matches!(held, Err(UpstreamError::TimedOut)), "{held:?}");
+        assert_eq!(other.expect("other"), (200, "ok".into()));
+        assert_eq!(
+            call(&u, "GET", "/then").await.expect("then"),
+            (200, "ok".into())
+        );
+        // The second connection, idle again, carries the third call.
+        assert_eq!(conns(&seen), [1, 2, 2]);
+        let pool = u.pools.get().expect("this thread's pools")[0].clone();
+        assert_eq!(pool.own().busy, 0);
+    }
+
+    /// A body dropped before its end closes its connection and gives up its place: with a
+    /// share of one and no patience to speak of, the next call goes on a new connection at
+    /// once instead of waiting for a place that would never come back.
+    #[tokio::test]
+    async fn a_body_dropped_before_its_end_gives_its_place_back() {
+        let (url, seen) = scripted(vec![
+            Script::Reply("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"),
+            Script::Reply(OK),
+        ])
+        .await;
+        let u = shared(&url, 1, Duration::from_secs(30));
+        let req = http::Request::get("/partial")
+            .body(Body::empty())
+            .expect("request");
+        let due = tokio::time::Instant::now() + Duration::from_secs(30);
+        let partial = u.send(&u.routes[0], req, due).await.expect("head");
+        assert_eq!(partial.status(), 200);
+        drop(partial);
+        let next = call_within(&u, "GET", "/next", Duration::from_secs(2)).await;
+        assert_eq!(next.expect("next"), (200, "ok".into()));
+        assert_eq!(conns(&seen), [1, 2]);
+    }
+
+    /// A waiting call cancelled after a place was handed to it passes the place on.
+    #[test]
+    fn a_cancelled_waiting_call_passes_on_what_it_was_handed() {
+        let pool = Pool::default();
+        assert!(matches!(pool.checkout(1), Checkout::Dial));
+        let Checkout::Wait(rx) = pool.checkout(1) else {
+            panic!("the share of one is busy");
+        };
+        let waiting = Waiting { rx, pool: &pool };
+        // The busy connection closes: its place is handed to the waiting call...
+        pool.lost();
+        assert_eq!(pool.own().busy, 1);
+        // ...which is cancelled before it took it.
+        drop(waiting);
+        assert_eq!(pool.own().busy, 0);
+        assert!(matches!(pool.checkout(1), Checkout::Dial));
     }
 
     #[tokio::test]
