@@ -488,6 +488,13 @@ mod tests {
         out
     }
 
+    /// What `c` adds to an answer, as [`set_cookies`] lists it.
+    fn answer_of(c: &RequestCookies) -> Vec<(String, String, bool)> {
+        let mut answer = HeaderMap::new();
+        c.set_cookies(&mut answer);
+        set_cookies(&answer)
+    }
+
     fn sent(line: &str) -> RequestCookies {
         let mut headers = HeaderMap::new();
         headers.insert(header::COOKIE, HeaderValue::from_str(line).expect("header"));
@@ -508,10 +515,8 @@ mod tests {
         // cleared (their names come from the header, the jar started empty).
         let chunked = sent("tg_session.0=a; tg_session.1=b; tg_session.2=c; other=1");
         assert!(r.write_session(&chunked, "fresh", Duration::from_secs(60)));
-        let mut answer = HeaderMap::new();
-        chunked.set_cookies(&mut answer);
         assert_eq!(
-            set_cookies(&answer),
+            answer_of(&chunked),
             vec![
                 ("tg_session".into(), "fresh".into(), false),
                 ("tg_session.0".into(), String::new(), true),
@@ -525,10 +530,8 @@ mod tests {
         let big = "a".repeat(CHUNK + 10);
         assert!(r.write_session(&twice, &big, Duration::from_secs(60)));
         assert!(r.write_session(&twice, "small", Duration::from_secs(60)));
-        let mut answer = HeaderMap::new();
-        twice.set_cookies(&mut answer);
         assert_eq!(
-            set_cookies(&answer),
+            answer_of(&twice),
             vec![
                 ("tg_session".into(), "small".into(), false),
                 ("tg_session.0".into(), String::new(), true),
@@ -539,10 +542,8 @@ mod tests {
         // Cleared: the session cookie and every chunk sent; another cookie is left alone.
         let ending = sent("tg_session.0=a; tg_session.1=b; other=1");
         r.clear_session(&ending);
-        let mut answer = HeaderMap::new();
-        ending.set_cookies(&mut answer);
         assert_eq!(
-            set_cookies(&answer),
+            answer_of(&ending),
             vec![
                 ("tg_session".into(), String::new(), true),
                 ("tg_session.0".into(), String::new(), true),
