@@ -43,6 +43,15 @@ struct Handles {
     store: Vec<((usize, usize), Histogram)>,
 }
 
+/// One route's counters of calls that waited for a shared upstream connection
+/// ([`Metrics::upstream_waits`]); unregistered ones (the default) count for no one.
+#[derive(Clone, Debug, Default)]
+pub struct UpstreamWaits {
+    pub handed: Counter,
+    pub opened: Counter,
+    pub timeout: Counter,
+}
+
 /// Handles of the session cache's metrics (each an atomic behind an `Arc`: no lookup per call).
 #[derive(Clone, Default)]
 pub struct CacheMetrics {
@@ -60,6 +69,7 @@ pub struct Metrics {
     logins: Family<Labels, Counter>,
     refreshes: Family<Labels, Counter>,
     upstream_errors: Family<Labels, Counter>,
+    upstream_waits: Family<Labels, Counter>,
     store_seconds: Family<OpLabels, Histogram, fn() -> Histogram>,
     store_errors: Family<OpLabels, Counter>,
     /// Per thread, the handles of the per-request metrics already looked up (see [`Handles`]).
@@ -114,6 +124,12 @@ impl Metrics {
             "API calls that failed, by route and kind (error, timeout)",
             upstream_errors.clone(),
         );
+        let upstream_waits = Family::<Labels, Counter>::default();
+        r.register(
+            "upstream_connection_waits",
+            "API calls that found their route's shared upstream connections on their thread all busy, by route and outcome: handed (one came back within the patience), opened (one more was opened), timeout (the route timeout ran out while waiting)",
+            upstream_waits.clone(),
+        );
         let store_seconds: Family<OpLabels, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(new_histogram);
         r.register(
@@ -147,6 +163,7 @@ impl Metrics {
             logins,
             refreshes,
             upstream_errors,
+            upstream_waits,
             store_seconds,
             store_errors,
             handles: thread_local::ThreadLocal::new(),
@@ -219,6 +236,20 @@ impl Metrics {
         self.upstream_errors
             .get_or_create(&vec![("route", route.into()), ("kind", kind.into())])
             .inc();
+    }
+
+    /// The counters of calls to `route` that waited for a shared upstream connection.
+    pub fn upstream_waits(&self, route: &str) -> UpstreamWaits {
+        let counter = |outcome: &'static str| {
+            self.upstream_waits
+                .get_or_create(&vec![("route", route.into()), ("outcome", outcome.into())])
+                .clone()
+        };
+        UpstreamWaits {
+            handed: counter("handed"),
+            opened: counter("opened"),
+            timeout: counter("timeout"),
+        }
     }
 
     pub fn store_op(&self, op: &'static str, took: Duration, ok: bool) {

@@ -79,7 +79,7 @@ impl Shared {
             Arc::clone(&metrics),
         );
         let idp = Idp::new(config.oauth.clone(), Arc::clone(&metrics))?;
-        let upstreams = Arc::new(Upstreams::new(&config.routes)?);
+        let upstreams = Arc::new(Upstreams::new(&config.routes)?.count_waits(&metrics));
         Ok(Self {
             origin: config.server.origin().into(),
             public_host: {

@@ -72,6 +72,8 @@ struct Target {
     host: HeaderValue,
     /// The route's prefix as a `'static` metric label.
     label: &'static str,
+    /// Calls that waited for one of the route's shared connections.
+    waits: crate::metrics::UpstreamWaits,
 }
 
 /// One route's idle connections on one thread: ours (calls without a body) and hyper's.
@@ -265,6 +267,7 @@ impl Upstreams {
                     origin: format!("{}://{host}", r.upstream.scheme()).parse()?,
                     host: HeaderValue::from_str(&host)?,
                     label: Box::leak(r.prefix.clone().into_boxed_str()),
+                    waits: crate::metrics::UpstreamWaits::default(),
                 })
             })
             .collect::<anyhow::Result<_>>()?;
@@ -276,6 +279,14 @@ impl Upstreams {
             share: CONNS_PER_THREAD,
             patience: PATIENCE,
         })
+    }
+
+    /// Counts, in `metrics`, the calls of each route that wait for a shared connection.
+    pub fn count_waits(mut self, metrics: &crate::metrics::Metrics) -> Self {
+        for t in &mut self.targets {
+            t.waits = metrics.upstream_waits(t.label);
+        }
+        self
     }
 
     fn index(&self, route: &RouteConfig) -> Option<usize> {
@@ -369,7 +380,7 @@ impl Upstreams {
         method: http::Method,
         due: tokio::time::Instant,
     ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
-        let (mut next, lease) = self.lease(pool, due).await?;
+        let (mut next, lease) = self.lease(target, pool, due).await?;
         loop {
             let (mut conn, reused) = match next.take() {
                 Some(c) => (c, true),
@@ -399,6 +410,7 @@ impl Upstreams {
     /// one). Waits, when the share is busy, for at most the patience, and never past `due`.
     async fn lease(
         &self,
+        target: &Target,
         pool: &Pool,
         due: tokio::time::Instant,
     ) -> Result<(Option<h1::Conn>, Lease), UpstreamError> {
@@ -411,16 +423,20 @@ impl Upstreams {
         let mut waiting = Waiting { rx, pool };
         let until = due.min(tokio::time::Instant::now() + self.patience);
         if let Ok(Ok(handed)) = tokio::time::timeout_at(until, &mut waiting.rx).await {
+            target.waits.handed.inc();
             return Ok((handed, lease()));
         }
         // Handed over just as the patience ran out: taken all the same.
         waiting.rx.close();
         if let Ok(handed) = waiting.rx.try_recv() {
+            target.waits.handed.inc();
             return Ok((handed, lease()));
         }
         if tokio::time::Instant::now() >= due {
+            target.waits.timeout.inc();
             return Err(UpstreamError::TimedOut);
         }
+        target.waits.opened.inc();
         pool.grow();
         Ok((None, lease()))
     }
@@ -923,11 +939,36 @@ mod tests {
 
     const OK: &str = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
 
-    fn shared(url: &str, share: usize, patience: Duration) -> Upstreams {
-        let mut u = Upstreams::new(&[route(url, false)]).expect("upstreams");
+    fn shared(url: &str, share: usize, patience: Duration) -> (Upstreams, crate::metrics::Metrics) {
+        let metrics = crate::metrics::Metrics::new();
+        let mut u = Upstreams::new(&[route(url, false)])
+            .expect("upstreams")
+            .count_waits(&metrics);
         u.share = share;
         u.patience = patience;
-        u
+        (u, metrics)
+    }
+
+    /// The calls of route `/api` that waited, by outcome, as `/metrics` shows them.
+    fn waits(metrics: &crate::metrics::Metrics) -> Vec<(String, u64)> {
+        let prefix = "tokengate_upstream_connection_waits_total{route=\"/api\",outcome=\"";
+        let mut out: Vec<_> = metrics
+            .render()
+            .lines()
+            .filter_map(|l| l.strip_prefix(prefix))
+            .filter_map(|l| l.split_once("\"} "))
+            .map(|(o, n)| (o.to_string(), n.parse().expect("count")))
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn counted(handed: u64, opened: u64, timeout: u64) -> Vec<(String, u64)> {
+        vec![
+            ("handed".into(), handed),
+            ("opened".into(), opened),
+            ("timeout".into(), timeout),
+        ]
     }
 
     /// Twenty calls at once with a share of two: the API sees two connections, each call
@@ -935,7 +976,7 @@ mod tests {
     #[tokio::test]
     async fn calls_beyond_the_share_wait_for_a_connection_to_come_back() {
         let (url, seen) = scripted(vec![Script::Reply(OK); 20]).await;
-        let u = shared(&url, 2, Duration::from_secs(30));
+        let (u, metrics) = shared(&url, 2, Duration::from_secs(30));
         let calls = (0..20).map(|i| {
             let u = &u;
             async move { call(u, "GET", &format!("/{i}")).await }
@@ -948,6 +989,7 @@ mod tests {
         used.sort_unstable();
         used.dedup();
         assert_eq!(used, [1, 2]);
+        assert_eq!(waits(&metrics), counted(18, 0, 0));
     }
 
     /// A call the API holds keeps its connection; another call waits for it only as long as
@@ -956,7 +998,7 @@ mod tests {
     async fn a_call_the_share_cannot_serve_soon_opens_one_more() {
         let (url, seen) =
             scripted(vec![Script::Silent, Script::Reply(OK), Script::Reply(OK)]).await;
-        let u = shared(&url, 1, Duration::from_millis(50));
+        let (u, metrics) = shared(&url, 1, Duration::from_millis(50));
         let held = call_within(&u, "GET", "/held", Duration::from_millis(800));
         let other = async {
             // After the held call took the connection.
@@ -974,6 +1016,7 @@ mod tests {
         assert_eq!(conns(&seen), [1, 2, 2]);
         let pool = u.pools.get().expect("this thread's pools")[0].clone();
         assert_eq!(pool.own().busy, 0);
+        assert_eq!(waits(&metrics), counted(0, 1, 0));
     }
 
     /// A body dropped before its end closes its connection and gives up its place: with a
@@ -986,7 +1029,7 @@ mod tests {
             Script::Reply(OK),
         ])
         .await;
-        let u = shared(&url, 1, Duration::from_secs(30));
+        let (u, metrics) = shared(&url, 1, Duration::from_secs(30));
         let req = http::Request::get("/partial")
             .body(Body::empty())
             .expect("request");
@@ -997,6 +1040,24 @@ mod tests {
         let next = call_within(&u, "GET", "/next", Duration::from_secs(2)).await;
         assert_eq!(next.expect("next"), (200, "ok".into()));
         assert_eq!(conns(&seen), [1, 2]);
+        assert_eq!(waits(&metrics), counted(0, 0, 0));
+    }
+
+    /// A call still waiting when the route timeout runs out is a 504, counted as such.
+    #[tokio::test]
+    async fn a_wait_ends_at_the_route_timeout() {
+        let (url, _seen) = scripted(vec![Script::Silent]).await;
+        let (u, metrics) = shared(&url, 1, Duration::from_secs(30));
+        let held = call_within(&u, "GET", "/held", Duration::from_secs(30));
+        let waiting = async {
+            tokio::task::yield_now().await;
+            call_within(&u, "GET", "/waiting", Duration::from_millis(200)).await
+        };
+        tokio::select! {
+            _ = held => panic!("the API answers nothing"),
+            waited = waiting => assert!(matches!(waited, Err(UpstreamError::TimedOut)), "{waited:?}"),
+        }
+        assert_eq!(waits(&metrics), counted(0, 0, 1));
     }
 
     /// A waiting call cancelled after a place was handed to it passes the place on.
