@@ -104,9 +104,13 @@ enum Checkout {
 }
 
 impl Idles {
+    // Nothing panics while these locks are held; a poisoned one holds consistent data.
     fn own(&self) -> MutexGuard<'_, Own> {
-        // Nothing panics while the lock is held; a poisoned one holds consistent data.
         self.own.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn hyper(&self) -> MutexGuard<'_, Vec<Idle<SendRequest<Body>>>> {
+        self.hyper.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn checkout(&self, share: usize) -> Checkout {
@@ -345,7 +349,7 @@ impl Upstreams {
         mut req: http::Request<Body>,
     ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
         loop {
-            let idle = take(&mut pool.hyper.lock().unwrap_or_else(PoisonError::into_inner));
+            let idle = take(&mut pool.hyper());
             let (mut conn, reused) = match idle {
                 Some(c) => (c, true),
                 // Boxed: connecting (TCP, maybe TLS) makes a large future, and it is rare; inline,
@@ -422,13 +426,15 @@ impl Upstreams {
         };
         let mut waiting = Waiting { rx, pool };
         let until = due.min(tokio::time::Instant::now() + self.patience);
-        if let Ok(Ok(handed)) = tokio::time::timeout_at(until, &mut waiting.rx).await {
-            target.waits.handed.inc();
-            return Ok((handed, lease()));
-        }
-        // Handed over just as the patience ran out: taken all the same.
-        waiting.rx.close();
-        if let Ok(handed) = waiting.rx.try_recv() {
+        let handed = match tokio::time::timeout_at(until, &mut waiting.rx).await {
+            Ok(Ok(handed)) => Some(handed),
+            // Handed over just as the patience ran out: taken all the same.
+            _ => {
+                waiting.rx.close();
+                waiting.rx.try_recv().ok()
+            }
+        };
+        if let Some(handed) = handed {
             target.waits.handed.inc();
             return Ok((handed, lease()));
         }
@@ -539,9 +545,7 @@ impl UpstreamBody {
                 if hyper::body::Body::is_end_stream(inner) {
                     if let Some((conn, pool)) = back.take() {
                         if !conn.is_closed() {
-                            let mut idle =
-                                pool.hyper.lock().unwrap_or_else(PoisonError::into_inner);
-                            put_back(&mut idle, conn);
+                            put_back(&mut pool.hyper(), conn);
                         }
                     }
                 }
