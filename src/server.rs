@@ -329,7 +329,10 @@ async fn connection<F, Fut>(
     };
     let svc = tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let answer = handle(req.map(axum::body::Body::new));
-        async move { Ok::<_, std::convert::Infallible>(answer.await) }
+        // hyper writes only the map: an API answer's passed fields go into it first.
+        async move {
+            Ok::<_, std::convert::Infallible>(crate::proxy::passthrough::expanded(answer.await))
+        }
     });
     let late = stream.clone();
     let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));

@@ -28,17 +28,19 @@ pub async fn fallback(
     cookies: RequestCookies,
     req: Request,
 ) -> Response {
-    match proxied(&state, peer, &cookies, req).await {
+    match proxied(&state, peer, &cookies, req, false).await {
         Ok(answer) => answer,
         Err(req) => static_files(&state, req).await,
     }
 }
 
 /// An API call straight from the server ([`crate::app::App`]): no router, and no cookie
-/// manager — the cookies it writes (idle touch, refresh) are added to the answer here.
+/// manager — the cookies it writes (idle touch, refresh) are added to the answer here. Its
+/// answer may carry the API's fields outside its map (see [`super::passthrough`]): the server
+/// writes them.
 pub async fn api_call(state: &AppState, peer: SocketAddr, req: Request) -> Response {
     let cookies = RequestCookies::standalone(req.headers());
-    let mut answer = proxied(state, peer, &cookies, req)
+    let mut answer = proxied(state, peer, &cookies, req, true)
         .await
         .unwrap_or_else(|_| ApiError::not_found().into_response());
     cookies.set_cookies(answer.headers_mut());
@@ -46,12 +48,14 @@ pub async fn api_call(state: &AppState, peer: SocketAddr, req: Request) -> Respo
 }
 
 /// The answer to `req` when its path is refused or falls under an API route; otherwise the
-/// request back (it is no API call).
+/// request back (it is no API call). `pass`: the answer's fields no rule reads may stay out of
+/// its map ([`super::passthrough`]).
 async fn proxied(
     state: &AppState,
     peer: SocketAddr,
     cookies: &RequestCookies,
     req: Request,
+    pass: bool,
 ) -> Result<Response, Request> {
     let path = req.uri().path();
     if !is_clean(path) {
@@ -63,7 +67,7 @@ async fn proxied(
     // Boxed: the proxy's future is kilobytes; inline, every layer above would carry and move it
     // again.
     Ok(
-        match Box::pin(proxy(state, route, peer, cookies, req)).await {
+        match Box::pin(proxy(state, route, peer, cookies, req, pass)).await {
             Ok(r) => r,
             Err(e) => e.into_response(),
         },
@@ -76,6 +80,7 @@ async fn proxy(
     peer: SocketAddr,
     cookies: &RequestCookies,
     req: Request,
+    pass: bool,
 ) -> Result<Response, ApiError> {
     // request_filter
     // TRACE would echo the bearer token back to the caller; CONNECT is no API call.
@@ -169,7 +174,10 @@ async fn proxy(
     let upstream_req = http::Request::from_parts(parts, body);
 
     // send
-    let mut resp = send(state, route, upstream_req).await?;
+    // DPoP reads the answer's `DPoP-Nonce` and `WWW-Authenticate`: such answers keep every
+    // field in their map.
+    let pass = pass && dpop.is_none();
+    let mut resp = send(state, route, upstream_req, pass).await?;
     if let (Some(d), Some(t)) = (dpop, &token) {
         // RFC 9449 §9: a nonce the API hands out is used from the next proof on; a 401 asking
         // for one gets the (bodiless) request once more with it.
@@ -190,7 +198,7 @@ async fn proxy(
                 *retry.method_mut() = method;
                 *retry.uri_mut() = uri;
                 *retry.headers_mut() = h;
-                resp = send(state, route, retry).await?;
+                resp = send(state, route, retry, pass).await?;
                 d.remember_nonce(&origin, resp.headers());
             }
         }
@@ -224,14 +232,15 @@ fn dpop_proof(
     Some(d.proof(method.as_str(), &url, Some(token), &origin))
 }
 
-/// Sends one request upstream within the route's timeout.
+/// Sends one request upstream within the route's timeout (`pass`: see [`proxied`]).
 async fn send(
     state: &AppState,
     route: &RouteConfig,
     upstream_req: http::Request<Body>,
+    pass: bool,
 ) -> Result<http::Response<UpstreamBody>, ApiError> {
     let due = tokio::time::Instant::now() + route.timeout;
-    match state.upstreams.send(route, upstream_req, due).await {
+    match state.upstreams.send(route, upstream_req, due, pass).await {
         Ok(r) => Ok(r),
         Err(UpstreamError::TimedOut) => {
             state.metrics.upstream_error(&route.prefix, "timeout");

@@ -626,6 +626,17 @@ mod tests {
     }
 
     #[test]
+    fn hop_by_hop_names_stay_in_the_answers_map() {
+        // Fields passed on past the map (proxy::passthrough) escape these rules: none may be one.
+        for n in &HOP_BY_HOP_NAMES {
+            assert!(
+                crate::proxy::passthrough::inspected(n.as_str().as_bytes()),
+                "{n}"
+            );
+        }
+    }
+
+    #[test]
     fn hop_by_hop_names_pass_the_quick_filter() {
         for (i, n) in HOP_BY_HOP_NAMES.iter().enumerate() {
             assert_eq!(hop_by_hop(n), Some(i), "{n}");

@@ -313,12 +313,14 @@ impl Upstreams {
     /// connection, or a new one, and waits for the head of the answer until `due` (then
     /// [`UpstreamError::TimedOut`]). A pooled connection that turns out closed before the request
     /// went out is set aside and the request goes on another; once sent, a request is never
-    /// sent again.
+    /// sent again. `pass`: the answer may carry the fields tokengate does not inspect outside its
+    /// map (calls without a body; see [`super::passthrough`]).
     pub async fn send(
         &self,
         route: &RouteConfig,
         mut req: http::Request<Body>,
         due: tokio::time::Instant,
+        pass: bool,
     ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
         let i = self.index(route).ok_or(UpstreamError::NoRoute)?;
         let target = self.targets.get(i).ok_or(UpstreamError::NoRoute)?;
@@ -331,7 +333,7 @@ impl Upstreams {
         if bodiless(&req) {
             let head = h1::encode_head(req.method(), req.uri(), req.headers());
             return self
-                .send_own(target, pool, &head, req.method().clone(), due)
+                .send_own(target, pool, &head, req.method().clone(), due, pass)
                 .await;
         }
         // Boxed: a call with a body is the rare one; inline, hyper's futures would make every
@@ -383,6 +385,7 @@ impl Upstreams {
         head: &[u8],
         method: http::Method,
         due: tokio::time::Instant,
+        pass: bool,
     ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
         let (mut next, lease) = self.lease(target, pool, due).await?;
         loop {
@@ -395,7 +398,7 @@ impl Upstreams {
                     (h1::Conn::new(dialed), false)
                 }
             };
-            match conn.exchange(head, &method, due).await {
+            match conn.exchange(head, &method, due, pass).await {
                 Ok((resp, framing, keep)) => {
                     let answer = h1::Answer::new(conn, framing, keep);
                     return Ok(resp.map(|()| UpstreamBody::own(answer, lease)));
@@ -803,7 +806,7 @@ mod tests {
             .body(Body::empty())
             .expect("request");
         let due = tokio::time::Instant::now() + timeout;
-        let resp = u.send(&u.routes[0], req, due).await?;
+        let resp = u.send(&u.routes[0], req, due, false).await?;
         let status = resp.status().as_u16();
         let body = resp.into_body().collect().await?.to_bytes();
         Ok((status, String::from_utf8_lossy(&body).into_owned()))
@@ -1038,7 +1041,7 @@ mod tests {
             .body(Body::empty())
             .expect("request");
         let due = tokio::time::Instant::now() + Duration::from_secs(30);
-        let partial = u.send(&u.routes[0], req, due).await.expect("head");
+        let partial = u.send(&u.routes[0], req, due, false).await.expect("head");
         assert_eq!(partial.status(), 200);
         drop(partial);
         let next = call_within(&u, "GET", "/next", Duration::from_secs(2)).await;

@@ -25,6 +25,8 @@ use hyper::body::Body as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::proxy::passthrough::Passed;
+
 /// Fields per request head, as hyper.
 const MAX_FIELDS: usize = 100;
 /// Read buffer: what one read asks for at least.
@@ -263,8 +265,11 @@ async fn write_answer(
     head_request: bool,
     close: bool,
 ) -> bool {
-    let (parts, mut body) = response.into_parts();
+    let (mut parts, mut body) = response.into_parts();
     let status = parts.status;
+    // The API's fields no rule reads, written after the map's as they came (see
+    // `proxy::passthrough`): none of them decides the framing.
+    let passed = parts.extensions.remove::<Passed>();
     let mut headers = parts.headers;
     // One pass over the names for what decides the framing (no lookup per field).
     let (mut closes, mut coded, mut dated) = (false, false, false);
@@ -322,6 +327,10 @@ async fn write_answer(
     out.extend_from_slice(b"\r\n");
     for (name, value) in &headers {
         field(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if let Some(p) = &passed {
+        out.extend_from_slice(p.lines());
+        dated |= p.dated();
     }
     if let Some(n) = add_length {
         let mut digits = [0u8; 20];
@@ -905,6 +914,43 @@ mod tests {
         assert_eq!(body, want);
         let (_, body) = answer(&mut client, &mut pending).await;
         assert_eq!(body.len(), 5 * GATHER);
+    }
+
+    #[tokio::test]
+    async fn passed_fields_follow_the_maps_as_they_came_and_their_date_is_the_only_one() {
+        let (mut client, server) = pair().await;
+        let (_task, _stop) = start(server, settings(), |req: Request<Body>| {
+            let mut resp = Response::new(Body::from("{}"));
+            resp.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            let mut lines = crate::proxy::passthrough::Lines::with_capacity(64);
+            lines.push(b"Server", b"api");
+            if req.uri().path() == "/dated" {
+                lines.push(b"Date", b"Mon, 07 Dec 2026 18:00:00 GMT");
+            }
+            lines.push(b"X-API", b"a: b");
+            resp.extensions_mut().insert(lines.done());
+            std::future::ready(resp)
+        });
+        client
+            .write_all(b"GET /dated HTTP/1.1\r\n\r\nGET /plain HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        let mut pending = Vec::new();
+        let (head, body) = answer(&mut client, &mut pending).await;
+        assert!(
+            head.starts_with(
+                "http/1.1 200 ok\r\ncache-control: no-store\r\nserver: api\r\n\
+                 date: mon, 07 dec 2026 18:00:00 gmt\r\nx-api: a: b\r\ncontent-length: 2\r\n"
+            ),
+            "{head}"
+        );
+        assert_eq!(head.matches("date:").count(), 1, "{head}");
+        assert_eq!(body, b"{}");
+        let (head, body) = answer(&mut client, &mut pending).await;
+        assert!(head.contains("server: api\r\nx-api: a: b\r\n"), "{head}");
+        assert_eq!(head.matches("date:").count(), 1, "our own date: {head}");
+        assert_eq!(body, b"{}");
     }
 
     #[tokio::test]

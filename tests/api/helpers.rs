@@ -971,7 +971,8 @@ pub struct EchoInner {
 
 /// Records every request; answers 200 JSON describing it. Special paths:
 /// `.../slow...` sleeps 30 s; `.../status/NNN` answers that status;
-/// `.../hop-response` adds hop-by-hop, Connection-listed and tokengate Set-Cookie headers to the answer.
+/// `.../hop-response` adds hop-by-hop, Connection-listed and tokengate Set-Cookie headers to the answer;
+/// `.../pass-response` adds end-to-end fields, `Cache-Control`, `X-Request-Id` and Set-Cookies.
 #[derive(Clone)]
 pub struct EchoApi(pub Arc<EchoInner>);
 
@@ -1087,6 +1088,28 @@ async fn echo(
             HeaderValue::from_static("Basic realm=\"upstream\""),
         );
         h.insert("x-upstream-ok", HeaderValue::from_static("yes"));
+        h.append(
+            "set-cookie",
+            HeaderValue::from_static("tg_session=from-upstream; Path=/"),
+        );
+        h.append(
+            "set-cookie",
+            HeaderValue::from_static("app_pref=blue; Path=/"),
+        );
+    }
+    if path.contains("/pass-response") {
+        // Fields no rule of tokengate reads (passed on past its map), and the ones it does read.
+        let h = resp.headers_mut();
+        h.insert("x-upstream-ok", HeaderValue::from_static("yes"));
+        h.append("x-upstream-multi", HeaderValue::from_static("a"));
+        h.append("x-upstream-multi", HeaderValue::from_static("b: c"));
+        h.insert("etag", HeaderValue::from_static("\"v1\""));
+        h.insert(
+            "cache-control",
+            HeaderValue::from_static("private, max-age=5"),
+        );
+        h.insert("x-request-id", HeaderValue::from_static("from-the-api"));
+        h.insert("connection", HeaderValue::from_static("keep-alive"));
         h.append(
             "set-cookie",
             HeaderValue::from_static("tg_session=from-upstream; Path=/"),

@@ -4,6 +4,8 @@
 use std::time::Duration;
 
 use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use crate::helpers::*;
 
@@ -198,6 +200,79 @@ async fn proxy_strips_hop_by_hop_response_headers_and_upstream_cookies_with_our_
     );
     // The browser's session survived.
     assert_eq!(app.get_userinfo().await.status(), 200);
+}
+
+/// The fields of an answer tokengate's rules do not read reach the browser as they came (ours
+/// written past the header map, see `proxy::passthrough`), on both ways an answer leaves: our
+/// server loop, and hyper's connection (an HTTP/1.0 request is handed to hyper); the fields the
+/// rules do read are still ruled.
+#[tokio::test]
+async fn end_to_end_answer_fields_arrive_whole_and_the_rules_still_hold() {
+    let app = spawn_app().await;
+    app.login().await;
+    let resp = app.get_api("/api/pass-response").await;
+    assert_eq!(resp.status(), 200);
+    let h = resp.headers();
+    let all = |n: &str| -> Vec<&str> {
+        h.get_all(n)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect()
+    };
+    assert_eq!(all("x-upstream-ok"), ["yes"]);
+    assert_eq!(all("x-upstream-multi"), ["a", "b: c"]);
+    assert_eq!(all("etag"), ["\"v1\""]);
+    // An answer that sets a cookie is never stored by a shared cache: the API's choice is
+    // replaced, not joined.
+    assert_eq!(all("cache-control"), ["no-store"]);
+    assert_eq!(all("date").len(), 1, "one Date: {h:?}");
+    assert_eq!(all("content-length").len(), 1, "{h:?}");
+    let id = all("x-request-id");
+    assert_eq!(id.len(), 1, "{h:?}");
+    assert_ne!(id[0], "from-the-api", "the request id is tokengate's");
+    let cookies = set_cookies(&resp);
+    assert!(
+        !cookies.iter().any(|c| c.value == "from-upstream"),
+        "the API could overwrite tokengate's session cookie: {cookies:?}"
+    );
+    assert!(cookies.iter().any(|c| c.name == "app_pref"), "{cookies:?}");
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["method"], "GET");
+
+    // HTTP/1.0: served by hyper, which knows only the map.
+    let mut s = TcpStream::connect(app.addr).await.expect("connect");
+    let head = format!(
+        "GET /api/pass-response HTTP/1.0\r\nHost: {}\r\nCookie: {}\r\nX-CSRF: 1\r\n\r\n",
+        app.addr,
+        app.session_cookie_header()
+    );
+    s.write_all(head.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a head");
+    assert!(head.starts_with("http/1.0 200"), "{head}");
+    for field in [
+        "\r\nx-upstream-ok: yes\r\n",
+        "\r\nx-upstream-multi: a\r\n",
+        "\r\nx-upstream-multi: b: c\r\n",
+        "\r\netag: \"v1\"\r\n",
+        "\r\ncache-control: no-store\r\n",
+        "\r\nset-cookie: app_pref=blue; path=/",
+    ] {
+        assert!(
+            format!("{head}\r\n").contains(field),
+            "{field:?} missing: {head}"
+        );
+    }
+    assert_eq!(head.matches("\r\ndate:").count(), 1, "{head}");
+    assert_eq!(head.matches("\r\ncache-control:").count(), 1, "{head}");
+    assert!(!head.contains("from-upstream"), "{head}");
+    assert!(!head.contains("from-the-api"), "{head}");
+    assert!(body.contains("\"method\":\"get\""), "{body}");
 }
 
 #[tokio::test]

@@ -19,6 +19,8 @@ use hyper::body::{Frame, SizeHint};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
+use crate::proxy::passthrough;
+
 type MaybeHttps = hyper_rustls::MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>;
 
 /// A connection to an API: a plain one is read and written directly, not through the two
@@ -159,7 +161,8 @@ impl Conn {
 
     /// Sends `head` (a request without a body, see [`encode_head`]) and reads the head of its
     /// answer, skipping interim (1xx) answers, by `due` (the route's timeout; after it,
-    /// [`Error::TimedOut`]).
+    /// [`Error::TimedOut`]). With `pass`, the fields tokengate does not inspect are kept out of
+    /// the answer's map (see [`crate::proxy::passthrough`]).
     ///
     /// The timer lives with the connection and is moved to `due` only when it goes off early (it
     /// was set for an earlier call on this connection) or is set later than `due`: resetting a
@@ -169,13 +172,14 @@ impl Conn {
         head: &[u8],
         method: &Method,
         due: tokio::time::Instant,
+        pass: bool,
     ) -> Result<(http::Response<()>, Framing, bool), Failed> {
         let Self { io, buf, timer } = self;
         let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
         if timer.deadline() > due {
             timer.as_mut().reset(due);
         }
-        let work = exchange(io, buf, head, method);
+        let work = exchange(io, buf, head, method, pass);
         tokio::pin!(work);
         loop {
             tokio::select! {
@@ -200,6 +204,7 @@ async fn exchange(
     buf: &mut BytesMut,
     head: &[u8],
     method: &Method,
+    pass: bool,
 ) -> Result<(http::Response<()>, Framing, bool), Failed> {
     let sent = async {
         io.write_all(head).await?;
@@ -214,7 +219,7 @@ async fn exchange(
     let safe = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
     let mut answered = false;
     loop {
-        match parse_head(buf, method == Method::HEAD) {
+        match parse_head(buf, method == Method::HEAD, pass) {
             Ok(Some(head)) => return Ok(head),
             Ok(None) => {}
             Err(error) => {
@@ -290,10 +295,13 @@ pub fn encode_head(method: &Method, target: &Uri, headers: &HeaderMap) -> Vec<u8
 }
 
 /// The first complete final answer head in `buf` (taken out of it), with its body's framing and
-/// whether the connection may carry another request; `None` until the head is complete.
+/// whether the connection may carry another request; `None` until the head is complete. With
+/// `pass`, the fields tokengate does not inspect go into a [`passthrough::Passed`] extension instead of the
+/// map (unless a `Connection` field names a field to drop: then all go into the map).
 fn parse_head(
     buf: &mut BytesMut,
     head_request: bool,
+    pass: bool,
 ) -> Result<Option<(http::Response<()>, Framing, bool)>, Error> {
     loop {
         if buf.is_empty() {
@@ -326,15 +334,38 @@ fn parse_head(
         let base = buf.as_ptr() as usize;
         let mut named = Vec::with_capacity(parsed.headers.len());
         let mut seen = Seen::default();
-        for f in parsed.headers.iter() {
-            let name = HeaderName::from_bytes(f.name.as_bytes())
-                .map_err(|_| Error::Invalid("invalid field name"))?;
-            seen.note(&name);
-            let start = f.value.as_ptr() as usize - base;
-            named.push((name, start, start + f.value.len()));
+        let mut passed = pass.then(|| passthrough::Lines::with_capacity(len));
+        // Once round (twice when fields were being passed on and a `Connection` field names one
+        // to drop: only the map's rules drop it, so then every field goes into the map).
+        'fields: loop {
+            for f in parsed.headers.iter() {
+                if let Some(lines) = passed.as_mut() {
+                    if !passthrough::inspected(f.name.as_bytes()) {
+                        lines.push(f.name.as_bytes(), f.value);
+                        continue;
+                    }
+                }
+                let name = HeaderName::from_bytes(f.name.as_bytes())
+                    .map_err(|_| Error::Invalid("invalid field name"))?;
+                if passed.is_some()
+                    && name == header::CONNECTION
+                    && passthrough::lists_fields(f.value)
+                {
+                    (passed, seen) = (None, Seen::default());
+                    named.clear();
+                    continue 'fields;
+                }
+                seen.note(&name);
+                let start = f.value.as_ptr() as usize - base;
+                named.push((name, start, start + f.value.len()));
+            }
+            break;
         }
         let head = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(named.len());
+        // Passing fields on: room for those the proxy adds (`Cache-Control`, `X-Request-Id`,
+        // `Set-Cookie`) without growing the map.
+        let room = if passed.is_some() { 3 } else { 0 };
+        let mut headers = HeaderMap::with_capacity(named.len() + room);
         for (name, start, end) in named {
             let value = HeaderValue::from_maybe_shared(head.slice(start..end))
                 .map_err(|_| Error::Invalid("invalid field value"))?;
@@ -349,6 +380,9 @@ fn parse_head(
             http::Version::HTTP_10
         };
         *response.headers_mut() = headers;
+        if let Some(lines) = passed {
+            response.extensions_mut().insert(lines.done());
+        }
         return Ok(Some((response, framing, keep)));
     }
 }
@@ -681,9 +715,102 @@ impl Answer {
 mod tests {
     use super::*;
 
+    /// The status, framing and keep-alive of `raw`'s head; the same whether the fields no rule
+    /// reads are passed on or put into the map (checked here for every case).
     fn head(raw: &str, head_request: bool) -> Result<Option<(u16, Framing, bool)>, Error> {
+        let read = |pass| {
+            let mut buf = BytesMut::from(raw);
+            parse_head(&mut buf, head_request, pass)
+                .map(|h| h.map(|(r, f, k)| (r.status().as_u16(), f, k)))
+        };
+        let (mapped, passed) = (read(false), read(true));
+        assert_eq!(
+            format!("{mapped:?}"),
+            format!("{passed:?}"),
+            "passing fields on changed how {raw:?} is read"
+        );
+        mapped
+    }
+
+    /// Every field of `r` (map, then passed lines), sorted, as `(lower-case name, value)`.
+    fn all_fields(r: http::Response<()>) -> Vec<(String, Vec<u8>)> {
+        let r = passthrough::expanded(r);
+        let mut all: Vec<_> = r
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+            .collect();
+        all.sort();
+        all
+    }
+
+    #[test]
+    fn fields_no_rule_reads_are_passed_on_as_they_came() {
+        let raw = "HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Mon, 07 Dec 2026 18:00:00 GMT\r\n\
+                   Content-Type: application/json\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\
+                   Keep-Alive: timeout=5\r\nCache-Control: max-age=60\r\nSet-Cookie: a=1\r\n\
+                   SET-COOKIE: tg_session=x\r\nX-Request-Id: api-1\r\nETag: \"v1\"\r\n\
+                   X-A: 1\r\nx-a: caf\u{e9}\r\nX-Empty:\r\n\r\n{}";
         let mut buf = BytesMut::from(raw);
-        Ok(parse_head(&mut buf, head_request)?.map(|(r, f, k)| (r.status().as_u16(), f, k)))
+        let (r, f, keep) = parse_head(&mut buf, false, true)
+            .expect("ok")
+            .expect("complete");
+        assert_eq!((f, keep), (Framing::Length(2), true));
+        let mut mapped: Vec<_> = r
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_bytes()))
+            .collect();
+        mapped.sort();
+        assert_eq!(
+            mapped,
+            [
+                ("cache-control", &b"max-age=60"[..]),
+                ("connection", b"keep-alive"),
+                ("content-length", b"2"),
+                ("keep-alive", b"timeout=5"),
+                ("set-cookie", b"a=1"),
+                ("set-cookie", b"tg_session=x"),
+                ("x-request-id", b"api-1"),
+            ],
+            "the map holds what the rules read, replace or drop"
+        );
+        let passed = r.extensions().get::<passthrough::Passed>().expect("passed");
+        assert_eq!(
+            passed.lines(),
+            "Server: nginx\r\nDate: Mon, 07 Dec 2026 18:00:00 GMT\r\nContent-Type: application/json\r\n\
+             ETag: \"v1\"\r\nX-A: 1\r\nx-a: caf\u{e9}\r\nX-Empty: \r\n"
+                .as_bytes()
+        );
+        assert!(passed.dated());
+        assert_eq!(&buf[..], b"{}", "the body start stays in the buffer");
+        // Put back into the map, the answer has every field it has when nothing is passed on.
+        let mut again = BytesMut::from(raw);
+        let (plain, _, _) = parse_head(&mut again, false, false)
+            .expect("ok")
+            .expect("complete");
+        assert!(plain.extensions().get::<passthrough::Passed>().is_none());
+        assert_eq!(all_fields(r), all_fields(plain));
+    }
+
+    #[test]
+    fn a_connection_field_naming_others_keeps_every_field_in_the_map() {
+        for connection in ["x-hop", "close, X-Hop", "keep-alive,te"] {
+            let raw = format!(
+                "HTTP/1.1 200 OK\r\nServer: nginx\r\nConnection: {connection}\r\nX-Hop: 1\r\n\
+                 Content-Length: 0\r\n\r\n"
+            );
+            let mut buf = BytesMut::from(raw.as_str());
+            let (r, _, _) = parse_head(&mut buf, false, true)
+                .expect("ok")
+                .expect("complete");
+            assert!(
+                r.extensions().get::<passthrough::Passed>().is_none(),
+                "{connection}"
+            );
+            assert_eq!(r.headers()["x-hop"], "1", "{connection}");
+            assert_eq!(r.headers()["server"], "nginx", "{connection}");
+        }
     }
 
     #[test]
@@ -787,7 +914,9 @@ mod tests {
         let mut buf = BytesMut::from(
             "HTTP/1.1 200 OK\r\nX-A: 1\r\nx-a: 2\r\nX-Bin: caf\u{e9}\r\nContent-Length: 3\r\n\r\nabc",
         );
-        let (r, f, _) = parse_head(&mut buf, false).expect("ok").expect("complete");
+        let (r, f, _) = parse_head(&mut buf, false, false)
+            .expect("ok")
+            .expect("complete");
         let all: Vec<_> = r.headers().get_all("x-a").iter().collect();
         assert_eq!(all, ["1", "2"]);
         assert_eq!(r.headers()["x-bin"].as_bytes(), "caf\u{e9}".as_bytes());
