@@ -178,6 +178,7 @@ fn header_benches(c: &mut Criterion, fx: &RsaFixture) {
     let base = browser_headers(&sealed);
     let rules = CookieRules::new(false);
     let peer = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9));
+    let public_host = http::HeaderValue::from_static("app.example.com");
     let access_token = "Fj3kS9xQmP0rT7vWc2LbN8aHd5YeUz1oGi4Kq6Rs-_TxVnM";
 
     let mut g = c.benchmark_group("headers");
@@ -204,7 +205,7 @@ fn header_benches(c: &mut Criterion, fx: &RsaFixture) {
     g.bench_function("set_forwarded", |b| {
         b.iter_batched_ref(
             || base.clone(),
-            |h| set_forwarded(h, peer, false, "https", "app.example.com"),
+            |h| set_forwarded(h, peer, false, "https", &public_host),
             BatchSize::SmallInput,
         )
     });
@@ -217,7 +218,7 @@ fn header_benches(c: &mut Criterion, fx: &RsaFixture) {
                 h.remove(http::header::HOST);
                 strip_our_cookies(h, &rules);
                 set_authorization(h, access_token, None);
-                set_forwarded(h, peer, false, "https", "app.example.com");
+                set_forwarded(h, peer, false, "https", &public_host);
             },
             BatchSize::SmallInput,
         )

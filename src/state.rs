@@ -27,8 +27,9 @@ pub struct Shared {
     pub config: Arc<Config>,
     /// `public_url`'s origin as browsers send it in `Origin`.
     pub origin: Arc<str>,
-    /// `public_url`'s `host[:port]`, for `X-Forwarded-Host`.
-    pub public_host: Box<str>,
+    /// `public_url`'s `host[:port]`, for `X-Forwarded-Host` (made once: a header value built
+    /// from a string per call costs an allocation).
+    pub public_host: http::HeaderValue,
     pub idp: Arc<Idp>,
     /// Seals cookies other than the session (login transactions).
     pub sealer: Sealer,
@@ -84,12 +85,13 @@ impl Shared {
             origin: config.server.origin().into(),
             public_host: {
                 let u = &config.server.public_url;
-                match (u.host_str(), u.port()) {
+                let host = match (u.host_str(), u.port()) {
                     (Some(h), Some(p)) => format!("{h}:{p}"),
                     (Some(h), None) => h.to_string(),
                     _ => String::new(),
-                }
-                .into()
+                };
+                // A URL's host is ASCII without control bytes: always a valid value.
+                http::HeaderValue::from_str(&host).unwrap_or(http::HeaderValue::from_static(""))
             },
             config: Arc::new(config),
             idp,

@@ -272,7 +272,7 @@ pub fn set_forwarded(
     peer: IpAddr,
     trusted_peer: bool,
     proto: &str,
-    host: &str,
+    host: &HeaderValue,
 ) {
     // One pass over the names present instead of a lookup per header (most are absent).
     let (mut forwarded, mut xff, mut xf_proto, mut xf_host) = (false, false, false, false);
@@ -347,9 +347,7 @@ pub fn set_forwarded(
             other => HeaderValue::from_str(other).unwrap_or(HeaderValue::from_static("http")),
         };
         headers.insert(X_FORWARDED_PROTO.clone(), proto);
-        if let Ok(v) = HeaderValue::from_str(host) {
-            headers.insert(X_FORWARDED_HOST.clone(), v);
-        }
+        headers.insert(X_FORWARDED_HOST.clone(), host.clone());
     }
 }
 
@@ -522,7 +520,7 @@ mod tests {
             "10.0.0.1".parse().expect("ip"),
             false,
             "http",
-            "app.example.com",
+            &HeaderValue::from_static("app.example.com"),
         );
         assert_eq!(h["x-forwarded-for"], "10.0.0.1");
         assert_eq!(h["x-forwarded-host"], "app.example.com");
@@ -542,7 +540,7 @@ mod tests {
             "10.0.0.1".parse().expect("ip"),
             true,
             "http",
-            "internal",
+            &HeaderValue::from_static("internal"),
         );
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "https");
@@ -594,7 +592,13 @@ mod tests {
             "::ffff:10.0.0.1",
         ] {
             let mut h = HeaderMap::new();
-            set_forwarded(&mut h, ip.parse().expect("ip"), false, "https", "app");
+            set_forwarded(
+                &mut h,
+                ip.parse().expect("ip"),
+                false,
+                "https",
+                &HeaderValue::from_static("app"),
+            );
             assert_eq!(
                 h["x-forwarded-for"],
                 ip.parse::<IpAddr>().expect("ip").to_string()
@@ -662,14 +666,26 @@ mod tests {
             ("x-forwarded-for", "5.6.7.8, 9.9.9.9"),
             ("x-forwarded-proto", "https"),
         ]);
-        set_forwarded(&mut h, "10.0.0.1".parse().expect("ip"), true, "http", "app");
+        set_forwarded(
+            &mut h,
+            "10.0.0.1".parse().expect("ip"),
+            true,
+            "http",
+            &HeaderValue::from_static("app"),
+        );
         let xff: Vec<_> = h.get_all("x-forwarded-for").iter().collect();
         assert_eq!(xff, ["1.2.3.4, 5.6.7.8, 9.9.9.9, 10.0.0.1"]);
         // Without X-Forwarded-Host the pair is ours.
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "app");
         let mut v6 = map(&[("x-forwarded-for", "")]);
-        set_forwarded(&mut v6, "::1".parse().expect("ip"), true, "https", "app");
+        set_forwarded(
+            &mut v6,
+            "::1".parse().expect("ip"),
+            true,
+            "https",
+            &HeaderValue::from_static("app"),
+        );
         assert_eq!(v6["x-forwarded-for"], "::1");
     }
 
@@ -914,10 +930,17 @@ mod tests {
 
             let peer = peers[i % peers.len()];
             let proto = ["https", "http", "ws\x01"][i % 3];
-            let host = ["app.example.com", "bad\nhost"][i % 2];
+            // The host is a header value made once at start (from `public_url`, always valid).
+            let host = ["app.example.com", "app.example.com:8443"][i % 2];
             for trusted in [false, true] {
                 let (mut new, mut old) = (h.clone(), h.clone());
-                set_forwarded(&mut new, peer, trusted, proto, host);
+                set_forwarded(
+                    &mut new,
+                    peer,
+                    trusted,
+                    proto,
+                    &HeaderValue::from_static(host),
+                );
                 before::set_forwarded(&mut old, peer, trusted, proto, host);
                 assert_eq!(listed(&new), listed(&old), "forwarded ({trusted}) of {h:?}");
             }

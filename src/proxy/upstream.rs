@@ -329,13 +329,13 @@ impl Upstreams {
             .get_or(|| (0..self.routes.len()).map(|_| Pool::default()).collect())
             .get(i)
             .ok_or(UpstreamError::NoRoute)?;
-        req.headers_mut().insert(header::HOST, target.host.clone());
         if bodiless(&req) {
-            let head = h1::encode_head(req.method(), req.uri(), req.headers());
+            let head = h1::encode_head(req.method(), req.uri(), &target.host, req.headers());
             return self
                 .send_own(target, pool, &head, req.method().clone(), due, pass)
                 .await;
         }
+        req.headers_mut().insert(header::HOST, target.host.clone());
         // Boxed: a call with a body is the rare one; inline, hyper's futures would make every
         // call's future larger.
         tokio::time::timeout_at(due, Box::pin(self.send_hyper(target, pool, req)))

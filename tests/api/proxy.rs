@@ -31,6 +31,42 @@ async fn proxy_forwards_method_path_query_and_body_unchanged() {
     assert_eq!(rec.header("content-type"), Some("application/octet-stream"));
 }
 
+/// The API sees its own host in `Host`, never the browser's, once: with a body (hyper's client)
+/// and without (our own).
+#[tokio::test]
+async fn the_api_gets_its_own_host_once() {
+    let app = spawn_app().await;
+    app.login().await;
+    let api_host = app.api.url().trim_start_matches("http://").to_string();
+    assert_ne!(api_host, app.addr.to_string());
+    assert_eq!(app.get_api("/api/no-body").await.status(), 200);
+    let rec = app.api.last();
+    assert_eq!(
+        rec.header_all("host"),
+        [api_host.as_str()],
+        "{:?}",
+        rec.headers
+    );
+    let resp = app
+        .client
+        .post(app.url("/api/with-body"))
+        .header("X-CSRF", "1")
+        .header("Host", "attacker.example")
+        .body("{}")
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(resp.status(), 200);
+    let rec = app.api.last();
+    assert_eq!(rec.method, "POST");
+    assert_eq!(
+        rec.header_all("host"),
+        [api_host.as_str()],
+        "{:?}",
+        rec.headers
+    );
+}
+
 #[tokio::test]
 async fn strip_prefix_route_forwards_the_rest_of_the_path() {
     let app = spawn_app().await;
