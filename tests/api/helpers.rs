@@ -1088,14 +1088,7 @@ async fn echo(
             HeaderValue::from_static("Basic realm=\"upstream\""),
         );
         h.insert("x-upstream-ok", HeaderValue::from_static("yes"));
-        h.append(
-            "set-cookie",
-            HeaderValue::from_static("tg_session=from-upstream; Path=/"),
-        );
-        h.append(
-            "set-cookie",
-            HeaderValue::from_static("app_pref=blue; Path=/"),
-        );
+        upstream_cookies(h);
     }
     if path.contains("/pass-response") {
         // Fields no rule of tokengate reads (passed on past its map), and the ones it does read.
@@ -1110,16 +1103,22 @@ async fn echo(
         );
         h.insert("x-request-id", HeaderValue::from_static("from-the-api"));
         h.insert("connection", HeaderValue::from_static("keep-alive"));
-        h.append(
-            "set-cookie",
-            HeaderValue::from_static("tg_session=from-upstream; Path=/"),
-        );
-        h.append(
-            "set-cookie",
-            HeaderValue::from_static("app_pref=blue; Path=/"),
-        );
+        upstream_cookies(h);
     }
     resp
+}
+
+/// The `Set-Cookie`s of the API's special answers: one with tokengate's session cookie name (it
+/// must never reach the browser) and one of the API's own (it must).
+fn upstream_cookies(h: &mut HeaderMap) {
+    h.append(
+        "set-cookie",
+        HeaderValue::from_static("tg_session=from-upstream; Path=/"),
+    );
+    h.append(
+        "set-cookie",
+        HeaderValue::from_static("app_pref=blue; Path=/"),
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
