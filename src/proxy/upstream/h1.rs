@@ -308,8 +308,9 @@ pub fn encode_head(
 
 /// The first complete final answer head in `buf` (taken out of it), with its body's framing and
 /// whether the connection may carry another request; `None` until the head is complete. With
-/// `pass`, the fields tokengate does not inspect go into a [`passthrough::Passed`] extension instead of the
-/// map (unless a `Connection` field names a field to drop: then all go into the map).
+/// `pass`, the fields tokengate does not inspect go into a [`passthrough::Passed`] extension
+/// instead of the map (unless a `Connection` field names a field to drop: then all go into the
+/// map).
 fn parse_head(
     buf: &mut BytesMut,
     head_request: bool,
@@ -347,8 +348,8 @@ fn parse_head(
         let mut named = Vec::with_capacity(parsed.headers.len());
         let mut seen = Seen::default();
         let mut passed = pass.then(|| passthrough::Lines::with_capacity(len));
-        // Once round (twice when fields were being passed on and a `Connection` field names one
-        // to drop: only the map's rules drop it, so then every field goes into the map).
+        // One round (two when fields were being passed on and a `Connection` field names one to
+        // drop: only the map's rules drop it, so then every field goes into the map).
         'fields: loop {
             for f in parsed.headers.iter() {
                 if let Some(lines) = passed.as_mut() {
