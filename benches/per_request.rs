@@ -18,6 +18,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::json;
 
+use tokengate::proxy::added::Added;
 use tokengate::proxy::headers::{
     set_authorization, set_forwarded, strip_hop_by_hop, strip_our_cookies,
 };
@@ -191,21 +192,21 @@ fn header_benches(c: &mut Criterion, fx: &RsaFixture) {
     g.bench_function("strip_our_cookies", |b| {
         b.iter_batched_ref(
             || base.clone(),
-            |h| strip_our_cookies(h, &rules),
+            |h| strip_our_cookies(h, &rules, &mut Added::default()),
             BatchSize::SmallInput,
         )
     });
     g.bench_function("set_authorization", |b| {
         b.iter_batched_ref(
             || base.clone(),
-            |h| set_authorization(h, black_box(access_token), None),
+            |h| set_authorization(h, black_box(access_token), None, &mut Added::default()),
             BatchSize::SmallInput,
         )
     });
     g.bench_function("set_forwarded", |b| {
         b.iter_batched_ref(
             || base.clone(),
-            |h| set_forwarded(h, peer, false, "https", &public_host),
+            |h| set_forwarded(h, peer, false, "https", &public_host, &mut Added::default()),
             BatchSize::SmallInput,
         )
     });
@@ -214,11 +215,12 @@ fn header_benches(c: &mut Criterion, fx: &RsaFixture) {
         b.iter_batched_ref(
             || base.clone(),
             |h| {
+                let mut added = Added::with_capacity(160);
                 strip_hop_by_hop(h);
-                h.remove(http::header::HOST);
-                strip_our_cookies(h, &rules);
-                set_authorization(h, access_token, None);
-                set_forwarded(h, peer, false, "https", &public_host);
+                strip_our_cookies(h, &rules, &mut added);
+                set_authorization(h, access_token, None, &mut added);
+                set_forwarded(h, peer, false, "https", &public_host, &mut added);
+                added
             },
             BatchSize::SmallInput,
         )

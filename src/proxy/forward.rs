@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use http::{header, HeaderValue};
 use tower::ServiceExt;
 
+use super::added::Added;
 use super::headers;
 use super::path::is_clean;
 use super::upstream::{origin_form, upstream_url, UpstreamBody, UpstreamError};
@@ -144,12 +145,13 @@ async fn proxy(
     })?;
     let h = &mut parts.headers;
     headers::strip_hop_by_hop(h);
-    h.remove(header::HOST);
-    headers::strip_our_cookies(h, state.store.rules());
+    // The browser's `Host` stays in the map: the head gets the route's instead (`Upstreams::send`).
+    let mut added = Added::with_capacity(160);
+    headers::strip_our_cookies(h, state.store.rules(), &mut added);
     match &token {
         Some(t) => {
             let proof = dpop.and_then(|d| dpop_proof(d, &parts.method, route, &uri, t.secret()));
-            headers::set_authorization(h, t.secret(), proof.as_deref());
+            headers::set_authorization(h, t.secret(), proof.as_deref(), &mut added);
         }
         None => headers::strip_credentials(h),
     }
@@ -161,7 +163,12 @@ async fn proxy(
         trusted,
         cfg.public_url.scheme(),
         &state.public_host,
+        &mut added,
     );
+    if dpop.is_some() {
+        // It may go again with a fresh proof (replacing the map's `DPoP`).
+        added.insert_into(h);
+    }
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
     let again = replayable.then(|| {
@@ -177,7 +184,7 @@ async fn proxy(
     // DPoP reads the answer's `DPoP-Nonce` and `WWW-Authenticate`: such answers keep every
     // field in their map.
     let pass = pass && dpop.is_none();
-    let mut resp = send(state, route, upstream_req, pass).await?;
+    let mut resp = send(state, route, upstream_req, &mut added, pass).await?;
     if let (Some(d), Some(t)) = (dpop, &token) {
         // RFC 9449 §9: a nonce the API hands out is used from the next proof on; a 401 asking
         // for one gets the (bodiless) request once more with it.
@@ -198,7 +205,7 @@ async fn proxy(
                 *retry.method_mut() = method;
                 *retry.uri_mut() = uri;
                 *retry.headers_mut() = h;
-                resp = send(state, route, retry, pass).await?;
+                resp = send(state, route, retry, &mut added, pass).await?;
                 d.remember_nonce(&origin, resp.headers());
             }
         }
@@ -232,15 +239,21 @@ fn dpop_proof(
     Some(d.proof(method.as_str(), &url, Some(token), &origin))
 }
 
-/// Sends one request upstream within the route's timeout (`pass`: see [`proxied`]).
+/// Sends one request upstream within the route's timeout, with the `added` fields (`pass`: see
+/// [`proxied`]).
 async fn send(
     state: &AppState,
     route: &RouteConfig,
     upstream_req: http::Request<Body>,
+    added: &mut Added,
     pass: bool,
 ) -> Result<http::Response<UpstreamBody>, ApiError> {
     let due = tokio::time::Instant::now() + route.timeout;
-    match state.upstreams.send(route, upstream_req, due, pass).await {
+    match state
+        .upstreams
+        .send(route, upstream_req, added, due, pass)
+        .await
+    {
         Ok(r) => Ok(r),
         Err(UpstreamError::TimedOut) => {
             state.metrics.upstream_error(&route.prefix, "timeout");

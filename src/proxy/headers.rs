@@ -4,6 +4,7 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use super::added::{valid_value, Added};
 use crate::session::cookie::{cookie_pieces, CookieRules};
 
 /// Identity headers that some auth proxies set for their upstreams: a browser must never be able
@@ -122,10 +123,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Removes tokengate's cookies from `Cookie`, keeping the SPA's others in their order.
-pub fn strip_our_cookies(headers: &mut HeaderMap, rules: &CookieRules) {
+/// Removes tokengate's cookies from `Cookie`: the SPA's others, in their order, go to the API as
+/// one `Cookie` field in `added`. A `Cookie` with none of ours stays as it is.
+pub fn strip_our_cookies(headers: &mut HeaderMap, rules: &CookieRules, added: &mut Added) {
     let mut kept: Vec<&[u8]> = Vec::new();
-    let mut any = false;
+    let (mut any, mut ours) = (false, false);
     for v in headers.get_all(header::COOKIE) {
         any = true;
         for piece in cookie_pieces(v.as_bytes()) {
@@ -134,19 +136,20 @@ pub fn strip_our_cookies(headers: &mut HeaderMap, rules: &CookieRules) {
                 continue;
             }
             let name = memchr::memchr(b'=', piece).map_or(piece, |eq| piece[..eq].trim_ascii());
-            if !std::str::from_utf8(name).is_ok_and(|n| rules.is_ours(n)) {
+            if std::str::from_utf8(name).is_ok_and(|n| rules.is_ours(n)) {
+                ours = true;
+            } else {
                 kept.push(piece);
             }
         }
     }
-    if !any {
+    if !any || !ours && headers.get_all(header::COOKIE).iter().nth(1).is_none() {
         return;
     }
-    let joined = (!kept.is_empty()).then(|| kept.join(&b"; "[..]));
-    headers.remove(header::COOKIE);
-    if let Some(Ok(v)) = joined.map(HeaderValue::try_from) {
-        headers.insert(header::COOKIE, v);
+    if !kept.is_empty() {
+        added.push(&header::COOKIE, &[&kept.join(&b"; "[..])]);
     }
+    headers.remove(header::COOKIE);
 }
 
 /// The first bytes of every name in [`SPOOFABLE_IDENTITY`], [`SPOOFABLE_PREFIXES`] and the
@@ -205,27 +208,24 @@ fn spoofable(name: &str) -> bool {
 
 /// Drops the browser's `Authorization`, spoofable identity headers and every header with an
 /// underscore in its name (nginx's default too: `X_User` could be read as `X-User` upstream);
-/// sets our bearer token.
+/// our bearer token goes in `added` (a token with a byte no field value may hold goes nowhere).
 /// With a DPoP proof (`oauth.dpop`), the token goes as `Authorization: DPoP` with the proof in
 /// the `DPoP` header (RFC 9449 §7.1).
-pub fn set_authorization(headers: &mut HeaderMap, access_token: &str, dpop_proof: Option<&str>) {
+pub fn set_authorization(
+    headers: &mut HeaderMap,
+    access_token: &str,
+    dpop_proof: Option<&str>,
+    added: &mut Added,
+) {
     strip_credentials(headers);
-    let scheme = if dpop_proof.is_some() {
-        "DPoP"
+    let scheme: &[u8] = if dpop_proof.is_some() {
+        b"DPoP "
     } else {
-        "Bearer"
+        b"Bearer "
     };
-    let mut value = Vec::with_capacity(scheme.len() + 1 + access_token.len());
-    value.extend_from_slice(scheme.as_bytes());
-    value.push(b' ');
-    value.extend_from_slice(access_token.as_bytes());
-    if let Ok(mut v) = HeaderValue::try_from(value) {
-        v.set_sensitive(true);
-        headers.insert(header::AUTHORIZATION, v);
-    }
-    if let Some(Ok(mut v)) = dpop_proof.map(HeaderValue::from_str) {
-        v.set_sensitive(true);
-        headers.insert(DPOP, v);
+    added.push(&header::AUTHORIZATION, &[scheme, access_token.as_bytes()]);
+    if let Some(proof) = dpop_proof {
+        added.push(&DPOP, &[proof.as_bytes()]);
     }
 }
 
@@ -265,14 +265,15 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Sets `X-Forwarded-For/-Proto/-Host`. Values the client sent are believed only when the peer
-/// is a trusted proxy; otherwise they and `Forwarded` are replaced.
+/// Sets `X-Forwarded-For/-Proto/-Host` (in `added`). Values the client sent are believed only
+/// when the peer is a trusted proxy; otherwise they and `Forwarded` are dropped.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
     peer: IpAddr,
     trusted_peer: bool,
     proto: &str,
     host: &HeaderValue,
+    added: &mut Added,
 ) {
     // One pass over the names present instead of a lookup per header (most are absent).
     let (mut forwarded, mut xff, mut xf_proto, mut xf_host) = (false, false, false, false);
@@ -300,54 +301,45 @@ pub fn set_forwarded(
             v6.as_bytes()
         }
     };
-    // The chain a trusted proxy sent (its values joined by ", "), then the peer; built in a
-    // buffer of the exact size, which the header value takes over as it is.
-    let value = if trusted_peer && xff {
-        let prior = || {
-            headers
-                .get_all(&X_FORWARDED_FOR)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-        };
-        let (mut count, mut len) = (0, 0);
-        for v in prior() {
-            count += 1;
-            len += v.len();
-        }
-        let len = len + 2 * count.max(1) - 2;
-        let mut out = Vec::with_capacity(if len > 0 { len + 2 } else { 0 } + ip.len());
-        for (i, v) in prior().enumerate() {
-            if i > 0 {
-                out.extend_from_slice(b", ");
+    if trusted_peer && xff {
+        // The chain a trusted proxy sent (its values joined by ", "), then the peer.
+        let mut chain: Vec<&[u8]> = Vec::new();
+        for v in headers.get_all(&X_FORWARDED_FOR) {
+            if v.to_str().is_ok() {
+                if !chain.is_empty() {
+                    chain.push(b", ");
+                }
+                chain.push(v.as_bytes());
             }
-            out.extend_from_slice(v.as_bytes());
         }
-        if !out.is_empty() {
-            out.extend_from_slice(b", ");
+        if chain.iter().any(|p| !p.is_empty()) {
+            chain.push(b", ");
         }
-        out.extend_from_slice(ip);
-        HeaderValue::try_from(out)
+        chain.push(ip);
+        added.push(&X_FORWARDED_FOR, &chain);
     } else {
-        HeaderValue::from_bytes(ip)
-    };
-    let keep_proto_host = trusted_peer && xf_proto && xf_host;
-    if !trusted_peer && forwarded {
-        headers.remove(header::FORWARDED);
+        added.push(&X_FORWARDED_FOR, &[ip]);
     }
     if xff {
         headers.remove(&X_FORWARDED_FOR);
     }
-    if let Ok(v) = value {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
+    if !trusted_peer && forwarded {
+        headers.remove(header::FORWARDED);
     }
-    if !keep_proto_host {
-        let proto = match proto {
-            "https" => HeaderValue::from_static("https"),
-            "http" => HeaderValue::from_static("http"),
-            other => HeaderValue::from_str(other).unwrap_or(HeaderValue::from_static("http")),
+    if !(trusted_peer && xf_proto && xf_host) {
+        if xf_proto {
+            headers.remove(&X_FORWARDED_PROTO);
+        }
+        if xf_host {
+            headers.remove(&X_FORWARDED_HOST);
+        }
+        let proto: &[u8] = match proto {
+            "https" | "http" => proto.as_bytes(),
+            other if valid_value(other.as_bytes()) => other.as_bytes(),
+            _ => b"http",
         };
-        headers.insert(X_FORWARDED_PROTO.clone(), proto);
-        headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+        added.push(&X_FORWARDED_PROTO, &[proto]);
+        added.push(&X_FORWARDED_HOST, &[host.as_bytes()]);
     }
 }
 
@@ -412,6 +404,13 @@ mod tests {
         h
     }
 
+    /// Runs a rule that adds fields, then puts them into the map (as for a call hyper sends).
+    fn applied(h: &mut HeaderMap, rule: impl FnOnce(&mut HeaderMap, &mut Added)) {
+        let mut added = Added::default();
+        rule(h, &mut added);
+        added.insert_into(h);
+    }
+
     #[test]
     fn hop_by_hop_and_connection_listed_are_removed() {
         let mut h = map(&[
@@ -438,12 +437,21 @@ mod tests {
             ("cookie", "theme=dark; tg_session=abc; tg_tx_xyz=1"),
             ("cookie", "tg_session.0=a; lang=en"),
         ]);
-        strip_our_cookies(&mut h, &rules);
+        applied(&mut h, |h, a| strip_our_cookies(h, &rules, a));
         assert_eq!(h.get_all("cookie").iter().count(), 1);
         assert_eq!(h["cookie"], "theme=dark; lang=en");
         let mut only_ours = map(&[("cookie", "tg_session=abc")]);
-        strip_our_cookies(&mut only_ours, &rules);
+        applied(&mut only_ours, |h, a| strip_our_cookies(h, &rules, a));
         assert!(!only_ours.contains_key("cookie"));
+        // None of ours: the field stays as it came, where it was.
+        let mut none = map(&[("cookie", "theme=dark;lang=en"), ("accept", "*/*")]);
+        let mut added = Added::default();
+        strip_our_cookies(&mut none, &rules, &mut added);
+        assert!(added.lines().is_empty());
+        assert_eq!(
+            listed(&none),
+            [("cookie", &b"theme=dark;lang=en"[..]), ("accept", b"*/*")]
+        );
     }
 
     #[test]
@@ -500,11 +508,16 @@ mod tests {
             ("x-amzn-oidc-identity", "admin"),
             ("accept", "application/json"),
         ]);
-        set_authorization(&mut h, "real", None);
+        applied(&mut h, |h, a| set_authorization(h, "real", None, a));
         assert_eq!(h["authorization"], "Bearer real");
         assert!(h["authorization"].is_sensitive());
         assert_eq!(h.len(), 2, "{h:?}");
         assert_eq!(h["accept"], "application/json");
+        // A token that would split the request head goes nowhere.
+        let mut added = Added::default();
+        set_authorization(&mut h, "real\r\nx-admin: 1", None, &mut added);
+        assert!(added.lines().is_empty());
+        assert!(!h.contains_key("authorization"));
     }
 
     #[test]
@@ -515,13 +528,16 @@ mod tests {
             ("x-forwarded-proto", "https"),
             ("forwarded", "for=6.6.6.6"),
         ]);
-        set_forwarded(
-            &mut h,
-            "10.0.0.1".parse().expect("ip"),
-            false,
-            "http",
-            &HeaderValue::from_static("app.example.com"),
-        );
+        applied(&mut h, |h, a| {
+            set_forwarded(
+                h,
+                "10.0.0.1".parse().expect("ip"),
+                false,
+                "http",
+                &HeaderValue::from_static("app.example.com"),
+                a,
+            )
+        });
         assert_eq!(h["x-forwarded-for"], "10.0.0.1");
         assert_eq!(h["x-forwarded-host"], "app.example.com");
         assert_eq!(h["x-forwarded-proto"], "http");
@@ -535,13 +551,16 @@ mod tests {
             ("x-forwarded-host", "app.example.com"),
             ("x-forwarded-proto", "https"),
         ]);
-        set_forwarded(
-            &mut h,
-            "10.0.0.1".parse().expect("ip"),
-            true,
-            "http",
-            &HeaderValue::from_static("internal"),
-        );
+        applied(&mut h, |h, a| {
+            set_forwarded(
+                h,
+                "10.0.0.1".parse().expect("ip"),
+                true,
+                "http",
+                &HeaderValue::from_static("internal"),
+                a,
+            )
+        });
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "app.example.com");
@@ -592,13 +611,16 @@ mod tests {
             "::ffff:10.0.0.1",
         ] {
             let mut h = HeaderMap::new();
-            set_forwarded(
-                &mut h,
-                ip.parse().expect("ip"),
-                false,
-                "https",
-                &HeaderValue::from_static("app"),
-            );
+            applied(&mut h, |h, a| {
+                set_forwarded(
+                    h,
+                    ip.parse().expect("ip"),
+                    false,
+                    "https",
+                    &HeaderValue::from_static("app"),
+                    a,
+                )
+            });
             assert_eq!(
                 h["x-forwarded-for"],
                 ip.parse::<IpAddr>().expect("ip").to_string()
@@ -666,26 +688,32 @@ mod tests {
             ("x-forwarded-for", "5.6.7.8, 9.9.9.9"),
             ("x-forwarded-proto", "https"),
         ]);
-        set_forwarded(
-            &mut h,
-            "10.0.0.1".parse().expect("ip"),
-            true,
-            "http",
-            &HeaderValue::from_static("app"),
-        );
+        applied(&mut h, |h, a| {
+            set_forwarded(
+                h,
+                "10.0.0.1".parse().expect("ip"),
+                true,
+                "http",
+                &HeaderValue::from_static("app"),
+                a,
+            )
+        });
         let xff: Vec<_> = h.get_all("x-forwarded-for").iter().collect();
         assert_eq!(xff, ["1.2.3.4, 5.6.7.8, 9.9.9.9, 10.0.0.1"]);
         // Without X-Forwarded-Host the pair is ours.
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "app");
         let mut v6 = map(&[("x-forwarded-for", "")]);
-        set_forwarded(
-            &mut v6,
-            "::1".parse().expect("ip"),
-            true,
-            "https",
-            &HeaderValue::from_static("app"),
-        );
+        applied(&mut v6, |h, a| {
+            set_forwarded(
+                h,
+                "::1".parse().expect("ip"),
+                true,
+                "https",
+                &HeaderValue::from_static("app"),
+                a,
+            )
+        });
         assert_eq!(v6["x-forwarded-for"], "::1");
     }
 
@@ -934,15 +962,48 @@ mod tests {
             let host = ["app.example.com", "app.example.com:8443"][i % 2];
             for trusted in [false, true] {
                 let (mut new, mut old) = (h.clone(), h.clone());
+                let mut added = Added::default();
                 set_forwarded(
                     &mut new,
                     peer,
                     trusted,
                     proto,
                     &HeaderValue::from_static(host),
+                    &mut added,
                 );
                 before::set_forwarded(&mut old, peer, trusted, proto, host);
-                assert_eq!(listed(&new), listed(&old), "forwarded ({trusted}) of {h:?}");
+                // The fields set go after the others (written into the head after the map's),
+                // and removals move the map's last field: compared name by name, each name's
+                // values in their order (the order that means something, RFC 9110 §5.3).
+                const NAMES: [&str; 3] =
+                    ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"];
+                let rest = |h: &HeaderMap| -> Vec<(String, Vec<u8>)> {
+                    let mut l: Vec<_> = h
+                        .iter()
+                        .filter(|(k, _)| !NAMES.contains(&k.as_str()))
+                        .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+                        .collect();
+                    l.sort_by(|a, b| a.0.cmp(&b.0));
+                    l
+                };
+                assert_eq!(rest(&new), rest(&old), "forwarded ({trusted}) of {h:?}");
+                // A name set is no longer in the map: never sent twice.
+                for line in added
+                    .lines()
+                    .split(|&b| b == b'\n')
+                    .filter(|l| !l.is_empty())
+                {
+                    let name = line.split(|&b| b == b':').next().unwrap_or_default();
+                    let name = std::str::from_utf8(name).expect("ascii");
+                    assert!(!new.contains_key(name), "{name} twice, of {h:?}");
+                }
+                added.insert_into(&mut new);
+                for n in NAMES {
+                    let values = |h: &HeaderMap| -> Vec<Vec<u8>> {
+                        h.get_all(n).iter().map(|v| v.as_bytes().to_vec()).collect()
+                    };
+                    assert_eq!(values(&new), values(&old), "{n} ({trusted}) of {h:?}");
+                }
             }
         }
     }

@@ -122,7 +122,7 @@ pub fn expanded<B>(mut resp: http::Response<B>) -> http::Response<B> {
 }
 
 /// The `(name, value)` of each line.
-fn fields(lines: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+pub(super) fn fields(lines: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
     lines
         .split(|&b| b == b'\n')
         .filter_map(|l| l.strip_suffix(b"\r"))

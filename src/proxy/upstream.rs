@@ -24,6 +24,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
+
+use super::added::Added;
 use http::{header, HeaderValue, Uri};
 use hyper::body::{Bytes, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
@@ -319,6 +321,7 @@ impl Upstreams {
         &self,
         route: &RouteConfig,
         mut req: http::Request<Body>,
+        added: &mut Added,
         due: tokio::time::Instant,
         pass: bool,
     ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
@@ -330,12 +333,19 @@ impl Upstreams {
             .get(i)
             .ok_or(UpstreamError::NoRoute)?;
         if bodiless(&req) {
-            let head = h1::encode_head(req.method(), req.uri(), &target.host, req.headers());
+            let head = h1::encode_head(
+                req.method(),
+                req.uri(),
+                &target.host,
+                req.headers(),
+                added.lines(),
+            );
             return self
                 .send_own(target, pool, &head, req.method().clone(), due, pass)
                 .await;
         }
         req.headers_mut().insert(header::HOST, target.host.clone());
+        added.insert_into(req.headers_mut());
         // Boxed: a call with a body is the rare one; inline, hyper's futures would make every
         // call's future larger.
         tokio::time::timeout_at(due, Box::pin(self.send_hyper(target, pool, req)))
@@ -806,7 +816,9 @@ mod tests {
             .body(Body::empty())
             .expect("request");
         let due = tokio::time::Instant::now() + timeout;
-        let resp = u.send(&u.routes[0], req, due, false).await?;
+        let resp = u
+            .send(&u.routes[0], req, &mut Added::default(), due, false)
+            .await?;
         let status = resp.status().as_u16();
         let body = resp.into_body().collect().await?.to_bytes();
         Ok((status, String::from_utf8_lossy(&body).into_owned()))
@@ -1041,7 +1053,10 @@ mod tests {
             .body(Body::empty())
             .expect("request");
         let due = tokio::time::Instant::now() + Duration::from_secs(30);
-        let partial = u.send(&u.routes[0], req, due, false).await.expect("head");
+        let partial = u
+            .send(&u.routes[0], req, &mut Added::default(), due, false)
+            .await
+            .expect("head");
         assert_eq!(partial.status(), 200);
         drop(partial);
         let next = call_within(&u, "GET", "/next", Duration::from_secs(2)).await;

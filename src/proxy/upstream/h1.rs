@@ -274,14 +274,16 @@ pub fn encode_head(
     target: &Uri,
     host: &HeaderValue,
     headers: &HeaderMap,
+    added: &[u8],
 ) -> Vec<u8> {
     let target = target.path_and_query().map_or("/", |p| p.as_str());
     let fields: usize = headers
         .iter()
         .map(|(n, v)| n.as_str().len() + v.len() + 4)
         .sum();
-    let mut out =
-        Vec::with_capacity(method.as_str().len() + target.len() + host.len() + fields + 48);
+    let mut out = Vec::with_capacity(
+        method.as_str().len() + target.len() + host.len() + fields + added.len() + 48,
+    );
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
@@ -297,6 +299,7 @@ pub fn encode_head(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    out.extend_from_slice(added);
     if matches!(*method, Method::POST | Method::PUT | Method::PATCH)
         && !headers.contains_key(header::CONTENT_LENGTH)
     {
@@ -1007,16 +1010,19 @@ mod tests {
         h.insert(header::HOST, HeaderValue::from_static("browser.example"));
         h.append("x-a", HeaderValue::from_static("2"));
         let target: Uri = "/v1/x?q=1".parse().expect("uri");
-        let get = encode_head(&Method::GET, &target, &host, &h);
+        let added = b"authorization: Bearer t\r\n";
+        let get = encode_head(&Method::GET, &target, &host, &h, added);
         assert_eq!(
             String::from_utf8(get).expect("utf8"),
-            "GET /v1/x?q=1 HTTP/1.1\r\nhost: api:80\r\nx-a: 1\r\nx-a: 2\r\n\r\n"
+            "GET /v1/x?q=1 HTTP/1.1\r\nhost: api:80\r\nx-a: 1\r\nx-a: 2\r\n\
+             authorization: Bearer t\r\n\r\n"
         );
         let post = encode_head(
             &Method::POST,
             &"/".parse().expect("uri"),
             &host,
             &HeaderMap::new(),
+            b"",
         );
         assert_eq!(
             post,
