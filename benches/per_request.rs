@@ -23,7 +23,7 @@ use tokengate::proxy::headers::{
     set_authorization, set_forwarded, strip_hop_by_hop, strip_our_cookies,
 };
 use tokengate::proxy::path::{is_clean, under_prefix};
-use tokengate::session::cookie::CookieRules;
+use tokengate::session::cookie::{CookieFields, CookieRules, RequestCookies};
 use tokengate::session::seal::Sealer;
 use tokengate::session::tokens::Session;
 
@@ -192,7 +192,10 @@ fn header_benches(c: &mut Criterion, fx: &RsaFixture) {
     g.bench_function("strip_our_cookies", |b| {
         b.iter_batched_ref(
             || base.clone(),
-            |h| strip_our_cookies(h, &rules, &mut Added::default()),
+            |h| {
+                let sent = RequestCookies::standalone(h, CookieFields::default());
+                strip_our_cookies(h, &sent, &rules, &mut Added::default())
+            },
             BatchSize::SmallInput,
         )
     });
@@ -217,7 +220,8 @@ fn header_benches(c: &mut Criterion, fx: &RsaFixture) {
             |h| {
                 let mut added = Added::with_capacity(160);
                 strip_hop_by_hop(h);
-                strip_our_cookies(h, &rules, &mut added);
+                let sent = RequestCookies::standalone(h, CookieFields::default());
+                strip_our_cookies(h, &sent, &rules, &mut added);
                 set_authorization(h, access_token, None, &mut added);
                 set_forwarded(h, peer, false, "https", &public_host, &mut added);
                 added

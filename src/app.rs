@@ -19,6 +19,7 @@ use tracing::Instrument;
 use crate::auth::{backchannel, callback, login, logout, refresh, userinfo};
 use crate::error::json_error;
 use crate::proxy::forward;
+use crate::session::cookie::CookieFields;
 use crate::session::tokens::now_s;
 use crate::state::AppState;
 use crate::telemetry::RequestLog;
@@ -44,25 +45,30 @@ impl App {
         }
     }
 
-    /// Answers one request from `peer`.
+    /// Answers one request from `peer`, whose `Cookie` fields are in `cookies` or in its map (see
+    /// [`CookieFields`]).
     pub fn call(
         &self,
         mut req: Request,
+        cookies: CookieFields,
         peer: SocketAddr,
     ) -> Pin<Box<dyn Future<Output = Response> + Send>> {
         if is_api_call(&self.state, req.uri().path()) {
             let state = self.state.clone();
             return Box::pin(async move {
-                edge(&state, req, |req| {
+                let size = cookies.size();
+                edge(&state, req, size, |req| {
                     // Boxed where the call starts: inline, the edge's future and the connection's
                     // would each hold the call's kilobyte-sized future and move it on (measured:
                     // 3.9 KB, built and moved level by level, ~20 KB of `memcpy` per call).
                     let state = state.clone();
-                    Box::pin(async move { forward::api_call(&state, peer, req).await })
+                    Box::pin(async move { forward::api_call(&state, peer, req, cookies).await })
                 })
                 .await
             });
         }
+        // The router and its cookie manager read cookies from the map only.
+        cookies.into_map(req.headers_mut());
         req.extensions_mut().insert(ConnectInfo(peer));
         let answer = self.router.clone().oneshot(req);
         Box::pin(async move { answer.await.unwrap_or_else(|never| match never {}) })
@@ -151,13 +157,14 @@ async fn method_not_allowed() -> Response {
 
 /// The router's edge: see [`edge`].
 async fn every_request(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    edge(&state, req, |req| next.run(req)).await
+    edge(&state, req, 0, |req| next.run(req)).await
 }
 
 /// Around every request: the request log and metrics; request headers beyond
 /// `server.max_header_bytes` → 431 with a JSON body; and any response that sets or clears a
-/// cookie must not be stored by a shared cache.
-async fn edge<F, Fut>(state: &AppState, mut req: Request, inner: F) -> Response
+/// cookie must not be stored by a shared cache. `outside`: the size of the request's fields not
+/// in its map.
+async fn edge<F, Fut>(state: &AppState, mut req: Request, outside: usize, inner: F) -> Response
 where
     F: FnOnce(Request) -> Fut,
     Fut: Future<Output = Response>,
@@ -167,7 +174,8 @@ where
         .headers()
         .iter()
         .map(|(k, v)| k.as_str().len() + v.len() + 4)
-        .sum();
+        .sum::<usize>()
+        + outside;
     let mut resp = if size > state.config.server.max_header_bytes {
         json_error(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,

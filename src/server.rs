@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::app::App;
+use crate::session::cookie::CookieFields;
 
 mod h1;
 
@@ -268,9 +269,9 @@ pub async fn run(
         let http = http.clone();
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
-            let handle = move |req: http::Request<axum::body::Body>| {
+            let handle = move |req: http::Request<axum::body::Body>, cookies: CookieFields| {
                 let guard = InFlight::new(&life);
-                let call = app.call(req, peer);
+                let call = app.call(req, cookies, peer);
                 async move {
                     let resp = call.await;
                     drop(guard);
@@ -315,7 +316,7 @@ async fn connection<F, Fut>(
     stop: &mut tokio::sync::watch::Receiver<bool>,
     handle: F,
 ) where
-    F: Fn(http::Request<axum::body::Body>) -> Fut + Clone + Send + 'static,
+    F: Fn(http::Request<axum::body::Body>, CookieFields) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = axum::response::Response> + Send + 'static,
 {
     let stream = match h1::serve(stream, settings, stop, &handle).await {
@@ -328,7 +329,8 @@ async fn connection<F, Fut>(
         h1::Ended::HandOver(stream, unread) => SharedStream::new(stream, unread),
     };
     let svc = tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        let answer = handle(req.map(axum::body::Body::new));
+        // hyper's request has its cookies in its map.
+        let answer = handle(req.map(axum::body::Body::new), CookieFields::default());
         // hyper writes only the map: an API answer's passed fields go into it first.
         async move {
             Ok::<_, std::convert::Infallible>(crate::proxy::passthrough::expanded(answer.await))
@@ -613,7 +615,7 @@ mod tests {
             .expect("connect");
         let (server, peer) = listener.accept().await.expect("accept");
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-        let handle = |req: http::Request<axum::body::Body>| async move {
+        let handle = |req: http::Request<axum::body::Body>, _: CookieFields| async move {
             let method = req.method().clone();
             let body = req
                 .into_body()

@@ -17,7 +17,7 @@ use super::path::is_clean;
 use super::upstream::{origin_form, upstream_url, UpstreamBody, UpstreamError};
 use crate::config::{RouteConfig, RouteToken};
 use crate::error::ApiError;
-use crate::session::cookie::RequestCookies;
+use crate::session::cookie::{CookieFields, RequestCookies};
 use crate::session::extract::{check_csrf, optional_session, require_session};
 use crate::session::route_token::{client_token, user_token};
 use crate::state::AppState;
@@ -38,9 +38,14 @@ pub async fn fallback(
 /// An API call straight from the server ([`crate::app::App`]): no router, and no cookie
 /// manager — the cookies it writes (idle touch, refresh) are added to the answer here. Its
 /// answer may carry the API's fields outside its map (see [`super::passthrough`]): the server
-/// writes them.
-pub async fn api_call(state: &AppState, peer: SocketAddr, req: Request) -> Response {
-    let cookies = RequestCookies::standalone(req.headers());
+/// writes them. Its cookies are those in `fields`, or without any there, those in its map.
+pub async fn api_call(
+    state: &AppState,
+    peer: SocketAddr,
+    req: Request,
+    fields: CookieFields,
+) -> Response {
+    let cookies = RequestCookies::standalone(req.headers(), fields);
     let mut answer = proxied(state, peer, &cookies, req, true)
         .await
         .unwrap_or_else(|_| ApiError::not_found().into_response());
@@ -147,7 +152,7 @@ async fn proxy(
     headers::strip_hop_by_hop(h);
     // The browser's `Host` stays in the map: the head gets the route's instead (`Upstreams::send`).
     let mut added = Added::with_capacity(160);
-    headers::strip_our_cookies(h, state.store.rules(), &mut added);
+    headers::strip_our_cookies(h, cookies, state.store.rules(), &mut added);
     match &token {
         Some(t) => {
             let proof = dpop.and_then(|d| dpop_proof(d, &parts.method, route, &uri, t.secret()));

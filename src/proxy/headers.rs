@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use super::added::{valid_value, Added};
-use crate::session::cookie::{cookie_pieces, CookieRules};
+use crate::session::cookie::{cookie_pieces, CookieRules, RequestCookies};
 
 /// Identity headers that some auth proxies set for their upstreams: a browser must never be able
 /// to supply them, so they are dropped on the way in.
@@ -123,14 +123,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Removes tokengate's cookies from `Cookie`: the SPA's others, in their order, go to the API as
-/// one `Cookie` field in `added`. A `Cookie` with none of ours stays as it is.
-pub fn strip_our_cookies(headers: &mut HeaderMap, rules: &CookieRules, added: &mut Added) {
+/// Removes tokengate's cookies from the `Cookie` fields the browser sent (`cookies`; the map's
+/// `Cookie` fields, if it holds them, are dropped): the SPA's others, in their order, go to the
+/// API as one `Cookie` field in `added`. A map's single `Cookie` with none of ours stays as it is.
+pub fn strip_our_cookies(
+    headers: &mut HeaderMap,
+    cookies: &RequestCookies,
+    rules: &CookieRules,
+    added: &mut Added,
+) {
+    let sent = cookies.fields();
+    if sent.is_empty() {
+        return;
+    }
     let mut kept: Vec<&[u8]> = Vec::new();
-    let (mut any, mut ours) = (false, false);
-    for v in headers.get_all(header::COOKIE) {
-        any = true;
-        for piece in cookie_pieces(v.as_bytes()) {
+    let mut ours = false;
+    for v in sent {
+        for piece in cookie_pieces(v) {
             let piece = piece.trim_ascii();
             if piece.is_empty() {
                 continue;
@@ -143,13 +152,21 @@ pub fn strip_our_cookies(headers: &mut HeaderMap, rules: &CookieRules, added: &m
             }
         }
     }
-    if !any || !ours && headers.get_all(header::COOKIE).iter().nth(1).is_none() {
-        return;
+    let in_map = headers.contains_key(header::COOKIE);
+    if let [one] = sent {
+        if !ours {
+            if !in_map {
+                added.push(&header::COOKIE, &[one]);
+            }
+            return;
+        }
+    }
+    if in_map {
+        headers.remove(header::COOKIE);
     }
     if !kept.is_empty() {
         added.push(&header::COOKIE, &[&kept.join(&b"; "[..])]);
     }
-    headers.remove(header::COOKIE);
 }
 
 /// The first bytes of every name in [`SPOOFABLE_IDENTITY`], [`SPOOFABLE_PREFIXES`] and the
@@ -392,6 +409,7 @@ pub fn strip_our_set_cookies(headers: &mut HeaderMap, rules: &CookieRules) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::session::cookie::CookieFields;
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -437,21 +455,69 @@ mod tests {
             ("cookie", "theme=dark; tg_session=abc; tg_tx_xyz=1"),
             ("cookie", "tg_session.0=a; lang=en"),
         ]);
-        applied(&mut h, |h, a| strip_our_cookies(h, &rules, a));
+        let strip = |h: &mut HeaderMap| {
+            let sent = RequestCookies::standalone(h, CookieFields::default());
+            applied(h, |h, a| strip_our_cookies(h, &sent, &rules, a));
+        };
+        strip(&mut h);
         assert_eq!(h.get_all("cookie").iter().count(), 1);
         assert_eq!(h["cookie"], "theme=dark; lang=en");
         let mut only_ours = map(&[("cookie", "tg_session=abc")]);
-        applied(&mut only_ours, |h, a| strip_our_cookies(h, &rules, a));
+        strip(&mut only_ours);
         assert!(!only_ours.contains_key("cookie"));
         // None of ours: the field stays as it came, where it was.
         let mut none = map(&[("cookie", "theme=dark;lang=en"), ("accept", "*/*")]);
+        let sent = RequestCookies::standalone(&none, CookieFields::default());
         let mut added = Added::default();
-        strip_our_cookies(&mut none, &rules, &mut added);
+        strip_our_cookies(&mut none, &sent, &rules, &mut added);
         assert!(added.lines().is_empty());
         assert_eq!(
             listed(&none),
             [("cookie", &b"theme=dark;lang=en"[..]), ("accept", b"*/*")]
         );
+    }
+
+    #[test]
+    fn cookies_kept_out_of_the_map_come_out_the_same() {
+        // The server loop keeps a request's `Cookie` fields out of its map: the rule reads them
+        // from there and gives the same `Cookie` the map's fields would.
+        let rules = CookieRules::new(false);
+        for sent in [
+            &[
+                "theme=dark; tg_session=abc; tg_tx_xyz=1",
+                "tg_session.0=a; lang=en",
+            ][..],
+            &["tg_session=abc"],
+            &["theme=dark;lang=en"],
+            &["a=1", "b=2"],
+            &[" ; tg_csrf=1 ;x=y "],
+        ] {
+            let mut in_map = HeaderMap::new();
+            for v in sent {
+                in_map.append(header::COOKIE, HeaderValue::from_static(v));
+            }
+            let from_map = RequestCookies::standalone(&in_map, CookieFields::default());
+            let mut expected = in_map.clone();
+            applied(&mut expected, |h, a| {
+                strip_our_cookies(h, &from_map, &rules, a)
+            });
+
+            let fields = sent
+                .iter()
+                .map(|v| bytes::Bytes::from_static(v.as_bytes()))
+                .collect();
+            let mut out = HeaderMap::new();
+            let outside = RequestCookies::standalone(&out, CookieFields::new(fields));
+            applied(&mut out, |h, a| strip_our_cookies(h, &outside, &rules, a));
+            let cookies = |h: &HeaderMap| -> Vec<Vec<u8>> {
+                h.get_all("cookie")
+                    .iter()
+                    .map(|v| v.as_bytes().to_vec())
+                    .collect()
+            };
+            assert_eq!(cookies(&out), cookies(&expected), "{sent:?}");
+            assert!(cookies(&out).len() <= 1, "{sent:?}");
+        }
     }
 
     #[test]

@@ -26,6 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::proxy::passthrough::Passed;
+use crate::session::cookie::CookieFields;
 
 /// Fields per request head, as hyper.
 const MAX_FIELDS: usize = 100;
@@ -66,7 +67,7 @@ pub(super) async fn serve<F, Fut>(
     mut handle: F,
 ) -> Ended
 where
-    F: FnMut(Request<Body>) -> Fut,
+    F: FnMut(Request<Body>, CookieFields) -> Fut,
     Fut: Future<Output = Response<Body>>,
 {
     let mut buf = BytesMut::new();
@@ -85,9 +86,9 @@ where
     tokio::pin!(stopping);
     loop {
         let mut armed = false;
-        let (request, close) = loop {
+        let (request, cookies, close) = loop {
             match parse(&mut buf) {
-                Head::Serve(request, close) => break (request, close),
+                Head::Serve(request, cookies, close) => break (request, cookies, close),
                 Head::HandOver => return Ended::HandOver(stream, buf),
                 Head::Incomplete => {}
             }
@@ -115,7 +116,7 @@ where
             }
         };
         let head_request = request.method() == Method::HEAD;
-        let response = handle(request).await;
+        let response = handle(request, cookies).await;
         let keep = write_answer(&mut stream, &mut out, response, head_request, close).await;
         if !keep || *signal.borrow() || signal.has_changed().is_err() {
             let _ = stream.shutdown().await;
@@ -156,9 +157,9 @@ async fn fill(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<usi
 // Returned once per request and taken apart at once: boxing the request would cost an allocation.
 #[allow(clippy::large_enum_variant)]
 enum Head {
-    /// A complete head this loop serves (taken out of the buffer), and whether the client asked
-    /// to close the connection after it.
-    Serve(Request<Body>, bool),
+    /// A complete head this loop serves (taken out of the buffer), its `Cookie` fields (not in
+    /// its map), and whether the client asked to close the connection after it.
+    Serve(Request<Body>, CookieFields, bool),
     /// For hyper: the buffer is as it was.
     HandOver,
     /// More bytes are needed.
@@ -224,7 +225,13 @@ fn parse(buf: &mut BytesMut) -> Head {
             // Room for what the proxy adds (`Authorization`, `X-Forwarded-For/-Proto/-Host`):
             // growing the map on the way out costs more than the few slots.
             let mut headers = HeaderMap::with_capacity(named.len() + 4);
+            // `Cookie`s stay out of the map (see `CookieFields`): httparse has checked them.
+            let mut cookies = Vec::new();
             for (name, start, end) in named {
+                if name == header::COOKIE {
+                    cookies.push(head.slice(start..end));
+                    continue;
+                }
                 headers.append(
                     name,
                     HeaderValue::from_maybe_shared(head.slice(start..end)).ok()?,
@@ -234,10 +241,10 @@ fn parse(buf: &mut BytesMut) -> Head {
             *request.method_mut() = method;
             *request.uri_mut() = uri;
             *request.headers_mut() = headers;
-            Some(request)
+            Some((request, CookieFields::new(cookies)))
         });
     match built {
-        Some(request) => Head::Serve(request, close),
+        Some((request, cookies)) => Head::Serve(request, cookies, close),
         None => {
             // Refused by the types hyper builds too: hyper answers it, from the same bytes.
             let mut again = BytesMut::with_capacity(head.len() + buf.len());
@@ -544,6 +551,12 @@ mod tests {
         Fut: Future<Output = Response<Body>> + Send + 'static,
     {
         let (tx, mut rx) = watch::channel(false);
+        let mut handle = handle;
+        // The handlers here read cookies from the map.
+        let handle = move |mut req: Request<Body>, cookies: CookieFields| {
+            cookies.into_map(req.headers_mut());
+            handle(req)
+        };
         let task = tokio::spawn(async move { serve(server, settings, &mut rx, handle).await });
         (task, tx)
     }
@@ -658,15 +671,18 @@ mod tests {
     ];
     const TAILS: &[&str] = &["", "", "abcde", "0\r\n\r\n", "3\r\nabc\r\n0\r\n\r\n"];
 
-    /// A request as the app sees it: method, target, fields in order, body length.
+    /// A request as the app sees it: method, target, fields by name (each name's values in
+    /// order: `Cookie` fields that stay out of our map are put back at its end), body length.
     type Seen = (String, String, Vec<(String, Vec<u8>)>, usize);
 
-    fn seen<B>(req: &Request<B>, body: usize) -> Seen {
-        let fields = req
-            .headers()
+    fn seen<B>(req: &Request<B>, cookies: CookieFields, body: usize) -> Seen {
+        let mut headers = req.headers().clone();
+        cookies.into_map(&mut headers);
+        let mut fields: Vec<_> = headers
             .iter()
             .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
             .collect();
+        fields.sort_by(|a, b| a.0.cmp(&b.0));
         (
             req.method().to_string(),
             req.uri().to_string(),
@@ -690,7 +706,7 @@ mod tests {
                     .map_or(usize::MAX, |b| b.to_bytes().len());
                 let req = Request::from_parts(parts, ());
                 if let Ok(mut g) = into.lock() {
-                    g.push(seen(&req, n));
+                    g.push(seen(&req, CookieFields::default(), n));
                 }
                 Ok::<_, std::convert::Infallible>(Response::new(
                     http_body_util::Empty::<Bytes>::new(),
@@ -752,11 +768,11 @@ mod tests {
                 let before = buf.clone();
                 match parse(&mut buf) {
                     // The loop closes after a request that asked it to: nothing after it is read.
-                    Head::Serve(req, true) => {
-                        ours.push(seen(&req, 0));
+                    Head::Serve(req, cookies, true) => {
+                        ours.push(seen(&req, cookies, 0));
                         break;
                     }
-                    Head::Serve(req, false) => ours.push(seen(&req, 0)),
+                    Head::Serve(req, cookies, false) => ours.push(seen(&req, cookies, 0)),
                     Head::HandOver | Head::Incomplete => {
                         proptest::prop_assert_eq!(&buf[..], &before[..], "handed over untouched");
                         break;

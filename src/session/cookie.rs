@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use axum::extract::FromRequestParts;
+use bytes::Bytes;
 use http::request::Parts;
 use http::{header, HeaderMap, HeaderValue};
 use tower_cookies::cookie::SameSite;
@@ -217,7 +218,8 @@ impl CookieRules {
 /// [`Self::set_cookies`] adds what was written.
 #[derive(Clone)]
 pub struct RequestCookies {
-    sent: Vec<HeaderValue>,
+    /// The `Cookie` field values, as sent.
+    sent: Vec<Bytes>,
     jar: OnceLock<Cookies>,
     /// The jar is ours (not the manager's): its `Set-Cookie`s are added by [`Self::set_cookies`].
     standalone: bool,
@@ -234,7 +236,7 @@ impl RequestCookies {
     /// The cookies of a request that passed tower-cookies' manager, which made `jar`.
     pub fn new(headers: &HeaderMap, jar: Cookies) -> Self {
         Self {
-            sent: headers.get_all(header::COOKIE).iter().cloned().collect(),
+            sent: from_map(headers),
             jar: OnceLock::from(jar),
             standalone: false,
         }
@@ -246,14 +248,23 @@ impl RequestCookies {
         Self::new(&HeaderMap::new(), jar)
     }
 
-    /// The cookies of a request that does not pass tower-cookies' manager (an API call): answer
-    /// it through [`Self::set_cookies`].
-    pub fn standalone(headers: &HeaderMap) -> Self {
+    /// The cookies of a request that does not pass tower-cookies' manager (an API call): those
+    /// in `fields`, or without any there, in its map. Answer it through [`Self::set_cookies`].
+    pub fn standalone(headers: &HeaderMap, fields: CookieFields) -> Self {
         Self {
-            sent: headers.get_all(header::COOKIE).iter().cloned().collect(),
+            sent: if fields.0.is_empty() {
+                from_map(headers)
+            } else {
+                fields.0
+            },
             jar: OnceLock::new(),
             standalone: true,
         }
+    }
+
+    /// The `Cookie` field values sent, as they came.
+    pub fn fields(&self) -> &[Bytes] {
+        &self.sent
     }
 
     /// Adds to `answer` a `Set-Cookie` for every cookie written, as tower-cookies' manager does
@@ -283,7 +294,7 @@ impl RequestCookies {
     /// pairs that are not UTF-8, are skipped.
     fn pairs(&self) -> impl Iterator<Item = (&str, &str)> {
         self.sent.iter().flat_map(|v| {
-            cookie_pairs(v.as_bytes()).filter_map(|(n, v)| {
+            cookie_pairs(v).filter_map(|(n, v)| {
                 Some((std::str::from_utf8(n).ok()?, std::str::from_utf8(v).ok()?))
             })
         })
@@ -316,10 +327,50 @@ impl RequestCookies {
     pub fn sent_bytes(&self, name: &str) -> Option<&[u8]> {
         self.sent
             .iter()
-            .flat_map(|v| cookie_pairs(v.as_bytes()))
+            .flat_map(|v| cookie_pairs(v))
             .filter(|(n, _)| *n == name.as_bytes())
             .last()
             .map(|(_, v)| v)
+    }
+}
+
+/// The `Cookie` values in `headers` (copied: the map's values do not hand out their bytes).
+fn from_map(headers: &HeaderMap) -> Vec<Bytes> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(|v| Bytes::copy_from_slice(v.as_bytes()))
+        .collect()
+}
+
+/// The `Cookie` field values of a request that are not in its `HeaderMap` (empty when the map
+/// holds them). Our server loop ([`crate::server`]) keeps them out of the map of an API call:
+/// there each value would be checked byte by byte once more (httparse has checked it), and a
+/// session cookie is a kilobyte or two long (~4 % of an API call, callgrind). The values are
+/// session cookies: never printed.
+#[derive(Default)]
+pub struct CookieFields(Vec<Bytes>);
+
+impl CookieFields {
+    /// Values httparse accepted (no CR, LF or other control byte but tab: what `HeaderValue`
+    /// takes too).
+    pub fn new(values: Vec<Bytes>) -> Self {
+        Self(values)
+    }
+
+    /// Their size as header fields (`cookie: value` and the line end), as a limit counts it.
+    pub fn size(&self) -> usize {
+        self.0.iter().map(|v| "cookie".len() + v.len() + 4).sum()
+    }
+
+    /// Puts them into `headers`, for what reads cookies only there (the router, its cookie
+    /// manager).
+    pub fn into_map(self, headers: &mut HeaderMap) {
+        for v in self.0 {
+            if let Ok(v) = HeaderValue::from_maybe_shared(v) {
+                headers.append(header::COOKIE, v);
+            }
+        }
     }
 }
 
@@ -445,7 +496,7 @@ mod tests {
     #[test]
     fn large_sessions_are_chunked_and_reassembled() {
         let r = CookieRules::new(false);
-        let jar = RequestCookies::standalone(&HeaderMap::new());
+        let jar = RequestCookies::standalone(&HeaderMap::new(), CookieFields::default());
         let big = "a".repeat(CHUNK * 2 + 10);
         assert!(r.write_session(&jar, &big, Duration::from_secs(60)));
         assert!(jar.get("tg_session.0").is_some());
@@ -498,7 +549,7 @@ mod tests {
     fn sent(line: &str) -> RequestCookies {
         let mut headers = HeaderMap::new();
         headers.insert(header::COOKIE, HeaderValue::from_str(line).expect("header"));
-        RequestCookies::standalone(&headers)
+        RequestCookies::standalone(&headers, CookieFields::default())
     }
 
     #[test]

@@ -532,3 +532,38 @@ async fn metrics_count_failures_by_reason_and_every_idp_endpoint() {
         assert!(text.contains(needle), "missing {needle} in:\n{text}");
     }
 }
+
+#[tokio::test]
+async fn an_api_calls_cookies_count_toward_the_header_limit() {
+    // Our server loop keeps a request's Cookie fields out of its header map: the limit must
+    // still count them.
+    let app = spawn_app_with(AppOptions::default().server("max_header_bytes = 8192")).await;
+    app.login().await;
+    let session = app.session_cookie_header();
+    let call = |spa_cookie: String| {
+        app.raw_client
+            .get(app.url("/api/data"))
+            .header("X-CSRF", "1")
+            .header("Cookie", format!("{session}; big={spa_cookie}"))
+            .send()
+    };
+    let seen = app.api.requests().len();
+    let resp = call("a".repeat(9000)).await.expect("GET");
+    assert_json_error(resp, 431).await;
+    assert_eq!(
+        app.api.requests().len(),
+        seen,
+        "the API got an oversized call"
+    );
+
+    let resp = call("b".repeat(2000)).await.expect("GET");
+    assert_eq!(resp.status(), 200);
+    let rec = app.api.last();
+    assert_eq!(
+        rec.header_all("cookie"),
+        [format!("big={}", "b".repeat(2000))]
+    );
+    assert!(rec
+        .header("authorization")
+        .is_some_and(|a| a.starts_with("Bearer ")));
+}
