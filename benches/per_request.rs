@@ -20,7 +20,7 @@ use serde_json::json;
 
 use tokengate::proxy::added::Added;
 use tokengate::proxy::headers::{
-    set_authorization, set_forwarded, strip_hop_by_hop, strip_our_cookies,
+    set_authorization, set_forwarded, strip_hop_by_hop, strip_our_cookies, ProtoHost,
 };
 use tokengate::proxy::path::{is_clean, under_prefix};
 use tokengate::session::cookie::{CookieFields, CookieRules, RequestCookies};
@@ -179,7 +179,7 @@ fn header_benches(c: &mut Criterion, fx: &RsaFixture) {
     let base = browser_headers(&sealed);
     let rules = CookieRules::new(false);
     let peer = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9));
-    let public_host = http::HeaderValue::from_static("app.example.com");
+    let proto_host = ProtoHost::new("https", b"app.example.com");
     let access_token = "Fj3kS9xQmP0rT7vWc2LbN8aHd5YeUz1oGi4Kq6Rs-_TxVnM";
 
     let mut g = c.benchmark_group("headers");
@@ -209,7 +209,7 @@ fn header_benches(c: &mut Criterion, fx: &RsaFixture) {
     g.bench_function("set_forwarded", |b| {
         b.iter_batched_ref(
             || base.clone(),
-            |h| set_forwarded(h, peer, false, "https", &public_host, &mut Added::default()),
+            |h| set_forwarded(h, peer, false, &proto_host, &mut Added::default()),
             BatchSize::SmallInput,
         )
     });
@@ -223,7 +223,7 @@ fn header_benches(c: &mut Criterion, fx: &RsaFixture) {
                 let sent = RequestCookies::standalone(h, CookieFields::default());
                 strip_our_cookies(h, &sent, &rules, &mut added);
                 set_authorization(h, access_token, None, &mut added);
-                set_forwarded(h, peer, false, "https", &public_host, &mut added);
+                set_forwarded(h, peer, false, &proto_host, &mut added);
                 added
             },
             BatchSize::SmallInput,

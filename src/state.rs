@@ -27,9 +27,9 @@ pub struct Shared {
     pub config: Arc<Config>,
     /// `public_url`'s origin as browsers send it in `Origin`.
     pub origin: Arc<str>,
-    /// `public_url`'s `host[:port]`, for `X-Forwarded-Host` (made once: a header value built
-    /// from a string per call costs an allocation).
-    pub public_host: http::HeaderValue,
+    /// `X-Forwarded-Proto` and `-Host` from `public_url` (`host[:port]`), made once: they are
+    /// the same for every call.
+    pub proto_host: crate::proxy::headers::ProtoHost,
     pub idp: Arc<Idp>,
     /// Seals cookies other than the session (login transactions).
     pub sealer: Sealer,
@@ -83,15 +83,14 @@ impl Shared {
         let upstreams = Arc::new(Upstreams::new(&config.routes)?.count_waits(&metrics));
         Ok(Self {
             origin: config.server.origin().into(),
-            public_host: {
+            proto_host: {
                 let u = &config.server.public_url;
                 let host = match (u.host_str(), u.port()) {
                     (Some(h), Some(p)) => format!("{h}:{p}"),
                     (Some(h), None) => h.to_string(),
                     _ => String::new(),
                 };
-                // A URL's host is ASCII without control bytes: always a valid value.
-                http::HeaderValue::from_str(&host).unwrap_or(http::HeaderValue::from_static(""))
+                crate::proxy::headers::ProtoHost::new(u.scheme(), host.as_bytes())
             },
             config: Arc::new(config),
             idp,

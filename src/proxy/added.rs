@@ -15,7 +15,7 @@ use super::headers::DPOP;
 use super::passthrough::fields;
 
 /// Fields for the upstream request: `name: value\r\n` lines.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Added {
     lines: Vec<u8>,
 }
@@ -52,6 +52,12 @@ impl Added {
         }
         self.lines.extend_from_slice(b"\r\n");
         true
+    }
+
+    /// Adds the fields of `other` (made once, written as they are: see
+    /// [`super::headers::ProtoHost`]).
+    pub fn extend(&mut self, other: &Added) {
+        self.lines.extend_from_slice(&other.lines);
     }
 
     /// The lines, to be written after the request's other fields.

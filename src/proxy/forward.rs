@@ -162,14 +162,7 @@ async fn proxy(
     }
     let cfg = &state.config.server;
     let trusted = cfg.trusted_proxies.iter().any(|c| c.contains(peer.ip()));
-    headers::set_forwarded(
-        h,
-        peer.ip(),
-        trusted,
-        cfg.public_url.scheme(),
-        &state.public_host,
-        &mut added,
-    );
+    headers::set_forwarded(h, peer.ip(), trusted, &state.proto_host, &mut added);
     if dpop.is_some() {
         // It may go again with a fresh proof (replacing the map's `DPoP`).
         added.insert_into(h);

@@ -288,8 +288,7 @@ pub fn set_forwarded(
     headers: &mut HeaderMap,
     peer: IpAddr,
     trusted_peer: bool,
-    proto: &str,
-    host: &HeaderValue,
+    proto_host: &ProtoHost,
     added: &mut Added,
 ) {
     // One pass over the names present instead of a lookup per header (most are absent).
@@ -350,13 +349,28 @@ pub fn set_forwarded(
         if xf_host {
             headers.remove(&X_FORWARDED_HOST);
         }
-        let proto: &[u8] = match proto {
-            "https" | "http" => proto.as_bytes(),
-            other if valid_value(other.as_bytes()) => other.as_bytes(),
-            _ => b"http",
+        added.extend(&proto_host.0);
+    }
+}
+
+/// `X-Forwarded-Proto` and `X-Forwarded-Host` as tokengate sets them: from `server.public_url`,
+/// so the same for every call (made once at start, written as they are).
+#[derive(Clone, Debug)]
+pub struct ProtoHost(Added);
+
+impl ProtoHost {
+    /// From the public URL's scheme and `host[:port]`; a scheme that cannot be a field value
+    /// reads `http`, a host that cannot be one is left out.
+    pub fn new(proto: &str, host: &[u8]) -> Self {
+        let proto: &[u8] = if valid_value(proto.as_bytes()) {
+            proto.as_bytes()
+        } else {
+            b"http"
         };
-        added.push(&X_FORWARDED_PROTO, &[proto]);
-        added.push(&X_FORWARDED_HOST, &[host.as_bytes()]);
+        let mut lines = Added::default();
+        lines.push(&X_FORWARDED_PROTO, &[proto]);
+        lines.push(&X_FORWARDED_HOST, &[host]);
+        Self(lines)
     }
 }
 
@@ -599,8 +613,7 @@ mod tests {
                 h,
                 "10.0.0.1".parse().expect("ip"),
                 false,
-                "http",
-                &HeaderValue::from_static("app.example.com"),
+                &ProtoHost::new("http", "app.example.com".as_bytes()),
                 a,
             )
         });
@@ -622,8 +635,7 @@ mod tests {
                 h,
                 "10.0.0.1".parse().expect("ip"),
                 true,
-                "http",
-                &HeaderValue::from_static("internal"),
+                &ProtoHost::new("http", "internal".as_bytes()),
                 a,
             )
         });
@@ -682,8 +694,7 @@ mod tests {
                     h,
                     ip.parse().expect("ip"),
                     false,
-                    "https",
-                    &HeaderValue::from_static("app"),
+                    &ProtoHost::new("https", "app".as_bytes()),
                     a,
                 )
             });
@@ -759,8 +770,7 @@ mod tests {
                 h,
                 "10.0.0.1".parse().expect("ip"),
                 true,
-                "http",
-                &HeaderValue::from_static("app"),
+                &ProtoHost::new("http", "app".as_bytes()),
                 a,
             )
         });
@@ -775,8 +785,7 @@ mod tests {
                 h,
                 "::1".parse().expect("ip"),
                 true,
-                "https",
-                &HeaderValue::from_static("app"),
+                &ProtoHost::new("https", "app".as_bytes()),
                 a,
             )
         });
@@ -1033,8 +1042,7 @@ mod tests {
                     &mut new,
                     peer,
                     trusted,
-                    proto,
-                    &HeaderValue::from_static(host),
+                    &ProtoHost::new(proto, host.as_bytes()),
                     &mut added,
                 );
                 before::set_forwarded(&mut old, peer, trusted, proto, host);

@@ -198,7 +198,10 @@ fn parse(buf: &mut BytesMut) -> Head {
     let mut length = false;
     let mut named = Vec::with_capacity(parsed.headers.len());
     for f in parsed.headers.iter() {
-        let Ok(name) = HeaderName::from_bytes(f.name.as_bytes()) else {
+        let Some(name) = known(f.name.as_bytes())
+            .cloned()
+            .or_else(|| HeaderName::from_bytes(f.name.as_bytes()).ok())
+        else {
             return Head::HandOver;
         };
         if name == header::TRANSFER_ENCODING || name == header::EXPECT || name == header::UPGRADE {
@@ -254,6 +257,38 @@ fn parse(buf: &mut BytesMut) -> Head {
             Head::HandOver
         }
     }
+}
+
+/// Request field names that `http` has no constant for but most requests carry (browsers' fetch
+/// metadata and client hints, CSRF headers, proxies' and tracing's), as names made at compile
+/// time: a name `HeaderName::from_bytes` has no constant for is lower-cased into an allocation
+/// of its own, per field of every request.
+static KNOWN: [HeaderName; 18] = [
+    HeaderName::from_static("sec-fetch-site"),
+    HeaderName::from_static("sec-fetch-mode"),
+    HeaderName::from_static("sec-fetch-dest"),
+    HeaderName::from_static("sec-fetch-user"),
+    HeaderName::from_static("sec-ch-ua"),
+    HeaderName::from_static("sec-ch-ua-mobile"),
+    HeaderName::from_static("sec-ch-ua-platform"),
+    HeaderName::from_static("priority"),
+    HeaderName::from_static("x-requested-with"),
+    HeaderName::from_static("x-csrf"),
+    HeaderName::from_static("x-csrf-token"),
+    HeaderName::from_static("x-xsrf-token"),
+    HeaderName::from_static("x-request-id"),
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-forwarded-proto"),
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("traceparent"),
+    HeaderName::from_static("tracestate"),
+];
+
+/// The [`KNOWN`] name `name` is (as sent, any case), if any: by length first.
+fn known(name: &[u8]) -> Option<&'static HeaderName> {
+    KNOWN.iter().find(|k| {
+        k.as_str().len() == name.len() && name.eq_ignore_ascii_case(k.as_str().as_bytes())
+    })
 }
 
 /// How the answer's body is delimited on the wire.
@@ -791,6 +826,31 @@ mod tests {
                 theirs,
                 String::from_utf8_lossy(&bytes)
             );
+        }
+    }
+
+    #[test]
+    fn known_names_are_the_names_parsing_gives() {
+        for k in &KNOWN {
+            for sent in [
+                k.as_str().to_string(),
+                k.as_str().to_ascii_uppercase(),
+                k.as_str().replacen('s', "S", 1),
+            ] {
+                let parsed = HeaderName::from_bytes(sent.as_bytes()).expect("name");
+                assert_eq!(known(sent.as_bytes()), Some(&parsed), "{sent}");
+            }
+        }
+        for other in [
+            "host",
+            "x-csr",
+            "x-csrf-",
+            "sec-fetch",
+            "traceparent2",
+            "",
+            "x_csrf",
+        ] {
+            assert_eq!(known(other.as_bytes()), None, "{other}");
         }
     }
 

@@ -363,15 +363,18 @@ fn parse_head(
                 }
                 let name = HeaderName::from_bytes(f.name.as_bytes())
                     .map_err(|_| Error::Invalid("invalid field name"))?;
-                if passed.is_some()
-                    && name == header::CONNECTION
-                    && passthrough::lists_fields(f.value)
-                {
-                    (passed, seen) = (None, Seen::default());
-                    named.clear();
-                    continue 'fields;
+                if passed.is_some() && name == header::CONNECTION {
+                    if passthrough::lists_fields(f.value) {
+                        (passed, seen) = (None, Seen::default());
+                        named.clear();
+                        continue 'fields;
+                    }
+                    // Only `close` or `keep-alive`: what it says is noted here, and the field
+                    // (hop-by-hop, the proxy would drop it) goes nowhere.
+                    seen.close |= crate::proxy::headers::lists_close(f.value);
+                    continue;
                 }
-                seen.note(&name);
+                seen.note(&name, f.value);
                 let start = f.value.as_ptr() as usize - base;
                 named.push((name, start, start + f.value.len()));
             }
@@ -413,12 +416,7 @@ fn framing(
     head_request: bool,
     http11: bool,
 ) -> Result<(Framing, bool), Error> {
-    let mut keep = http11
-        && !(seen.connection
-            && headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .any(|v| crate::proxy::headers::lists_close(v.as_bytes())));
+    let mut keep = http11 && !seen.close;
     let mut length: Option<u64> = None;
     let lengths = seen.length.then(|| headers.get_all(header::CONTENT_LENGTH));
     for v in lengths.into_iter().flatten() {
@@ -475,15 +473,16 @@ fn framing(
 /// Which of the fields that decide an answer's framing it has (looked up only when present).
 #[derive(Debug, Default, Clone, Copy)]
 struct Seen {
-    connection: bool,
+    /// A `Connection` field lists `close`.
+    close: bool,
     length: bool,
     coding: bool,
 }
 
 impl Seen {
-    fn note(&mut self, name: &HeaderName) {
+    fn note(&mut self, name: &HeaderName, value: &[u8]) {
         if name == header::CONNECTION {
-            self.connection = true;
+            self.close |= crate::proxy::headers::lists_close(value);
         } else if name == header::CONTENT_LENGTH {
             self.length = true;
         } else if name == header::TRANSFER_ENCODING {
@@ -782,14 +781,14 @@ mod tests {
             mapped,
             [
                 ("cache-control", &b"max-age=60"[..]),
-                ("connection", b"keep-alive"),
                 ("content-length", b"2"),
                 ("keep-alive", b"timeout=5"),
                 ("set-cookie", b"a=1"),
                 ("set-cookie", b"tg_session=x"),
                 ("x-request-id", b"api-1"),
             ],
-            "the map holds what the rules read, replace or drop"
+            "the map holds what the rules read, replace or drop (a `Connection` of only \
+             keep-alive goes nowhere: it is noted)"
         );
         let passed = r.extensions().get::<passthrough::Passed>().expect("passed");
         assert_eq!(
@@ -800,13 +799,37 @@ mod tests {
         );
         assert!(passed.dated());
         assert_eq!(&buf[..], b"{}", "the body start stays in the buffer");
-        // Put back into the map, the answer has every field it has when nothing is passed on.
+        // Put back into the map, the answer has every field it has when nothing is passed on,
+        // once the proxy has dropped the hop-by-hop ones.
         let mut again = BytesMut::from(raw);
         let (plain, _, _) = parse_head(&mut again, false, false)
             .expect("ok")
             .expect("complete");
         assert!(plain.extensions().get::<passthrough::Passed>().is_none());
-        assert_eq!(all_fields(r), all_fields(plain));
+        assert!(plain.headers().contains_key(header::CONNECTION));
+        let forwarded = |r: http::Response<()>| {
+            let mut r = passthrough::expanded(r);
+            crate::proxy::headers::strip_hop_by_hop(r.headers_mut());
+            all_fields(r)
+        };
+        assert_eq!(forwarded(r), forwarded(plain));
+        // `Connection: close` is noted the same way: the connection is not used again.
+        for close in ["close", "Keep-Alive, CLOSE"] {
+            let raw =
+                format!("HTTP/1.1 200 OK\r\nConnection: {close}\r\nContent-Length: 0\r\n\r\n");
+            for pass in [false, true] {
+                let mut buf = BytesMut::from(raw.as_str());
+                let (r, f, keep) = parse_head(&mut buf, false, pass)
+                    .expect("ok")
+                    .expect("complete");
+                assert_eq!((f, keep), (Framing::Done, false), "{close} {pass}");
+                assert_eq!(
+                    r.headers().contains_key(header::CONNECTION),
+                    !pass,
+                    "{close}"
+                );
+            }
+        }
     }
 
     #[test]
