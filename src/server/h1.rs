@@ -263,43 +263,33 @@ fn parse(buf: &mut BytesMut) -> Head {
 /// metadata and client hints, CSRF headers, proxies' and tracing's), as names made at compile
 /// time: a name `HeaderName::from_bytes` has no constant for is lower-cased into an allocation
 /// of its own, per field of every request.
-static KNOWN: [(&str, HeaderName); 18] = [
-    ("x-csrf", HeaderName::from_static("x-csrf")),
-    ("priority", HeaderName::from_static("priority")),
-    ("sec-ch-ua", HeaderName::from_static("sec-ch-ua")),
-    ("tracestate", HeaderName::from_static("tracestate")),
-    ("traceparent", HeaderName::from_static("traceparent")),
-    ("x-csrf-token", HeaderName::from_static("x-csrf-token")),
-    ("x-xsrf-token", HeaderName::from_static("x-xsrf-token")),
-    ("x-request-id", HeaderName::from_static("x-request-id")),
-    ("sec-fetch-site", HeaderName::from_static("sec-fetch-site")),
-    ("sec-fetch-mode", HeaderName::from_static("sec-fetch-mode")),
-    ("sec-fetch-dest", HeaderName::from_static("sec-fetch-dest")),
-    ("sec-fetch-user", HeaderName::from_static("sec-fetch-user")),
-    (
-        "x-forwarded-for",
-        HeaderName::from_static("x-forwarded-for"),
-    ),
-    (
-        "sec-ch-ua-mobile",
-        HeaderName::from_static("sec-ch-ua-mobile"),
-    ),
-    (
-        "x-requested-with",
-        HeaderName::from_static("x-requested-with"),
-    ),
-    (
-        "x-forwarded-host",
-        HeaderName::from_static("x-forwarded-host"),
-    ),
-    (
-        "x-forwarded-proto",
-        HeaderName::from_static("x-forwarded-proto"),
-    ),
-    (
-        "sec-ch-ua-platform",
-        HeaderName::from_static("sec-ch-ua-platform"),
-    ),
+/// A [`KNOWN`] entry: the name as text (compared without going through `HeaderName`) and as a
+/// name.
+macro_rules! known {
+    ($($name:literal),* $(,)?) => {
+        [$(($name, HeaderName::from_static($name))),*]
+    };
+}
+
+static KNOWN: [(&str, HeaderName); 18] = known![
+    "x-csrf",
+    "priority",
+    "sec-ch-ua",
+    "tracestate",
+    "traceparent",
+    "x-csrf-token",
+    "x-xsrf-token",
+    "x-request-id",
+    "sec-fetch-site",
+    "sec-fetch-mode",
+    "sec-fetch-dest",
+    "sec-fetch-user",
+    "x-forwarded-for",
+    "sec-ch-ua-mobile",
+    "x-requested-with",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "sec-ch-ua-platform",
 ];
 
 /// The [`KNOWN`] name `name` is (as sent, any case), if any: by length first (the list is in
