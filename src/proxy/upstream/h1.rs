@@ -363,18 +363,18 @@ fn parse_head(
                 }
                 let name = HeaderName::from_bytes(f.name.as_bytes())
                     .map_err(|_| Error::Invalid("invalid field name"))?;
-                if passed.is_some() && name == header::CONNECTION {
-                    if passthrough::lists_fields(f.value) {
-                        (passed, seen) = (None, Seen::default());
-                        named.clear();
-                        continue 'fields;
-                    }
-                    // Only `close` or `keep-alive`: what it says is noted here, and the field
-                    // (hop-by-hop, the proxy would drop it) goes nowhere.
-                    seen.close |= crate::proxy::headers::lists_close(f.value);
-                    continue;
+                let passing_connection = passed.is_some() && name == header::CONNECTION;
+                if passing_connection && passthrough::lists_fields(f.value) {
+                    (passed, seen) = (None, Seen::default());
+                    named.clear();
+                    continue 'fields;
                 }
                 seen.note(&name, f.value);
+                if passing_connection {
+                    // What it says is noted; the field (hop-by-hop, the proxy would drop it)
+                    // goes nowhere.
+                    continue;
+                }
                 let start = f.value.as_ptr() as usize - base;
                 named.push((name, start, start + f.value.len()));
             }
