@@ -52,15 +52,13 @@ struct Inner {
     epoch: u64,
     /// The subscription is up: entries may be served and filled.
     up: bool,
-    entries: HashMap<Arc<str>, (Instant, Session)>,
+    entries: HashMap<Arc<str>, (Instant, Arc<Session>)>,
 }
 
 /// What the cache says about a session id.
-// Lives for one match on the stack: boxing the hit would only add an allocation per call.
-#[allow(clippy::large_enum_variant)]
 pub enum Lookup {
     /// A copy read from Redis less than `redis_cache_ms` ago, not changed since.
-    Hit(Session),
+    Hit(Arc<Session>),
     /// Not here: read Redis, then [`LocalSessions::fill`] with this ticket.
     Miss(Ticket),
     /// The subscription is down: read Redis, keep nothing.
@@ -122,11 +120,11 @@ impl LocalSessions {
 
     /// Keeps `session`, read from Redis after `ticket` was taken, unless anything was invalidated
     /// or the subscription changed since.
-    pub fn fill(&self, ticket: Ticket, session: &Session) {
+    pub fn fill(&self, ticket: Ticket, session: &Arc<Session>) {
         self.fill_at(ticket, session, Instant::now());
     }
 
-    fn fill_at(&self, ticket: Ticket, session: &Session, now: Instant) {
+    fn fill_at(&self, ticket: Ticket, session: &Arc<Session>, now: Instant) {
         let Ok(mut g) = self.inner.lock() else {
             return;
         };
@@ -142,7 +140,7 @@ impl LocalSessions {
             }
         }
         g.entries
-            .insert(Arc::from(session.id.as_str()), (now, session.clone()));
+            .insert(Arc::from(session.id.as_str()), (now, Arc::clone(session)));
     }
 
     /// Session `sid` was written or deleted (here or on another replica).
@@ -261,16 +259,16 @@ async fn subscribed(
 mod tests {
     use super::*;
 
-    fn session(id: &str) -> Session {
+    fn session(id: &str) -> Arc<Session> {
         let mut s: Session = serde_json::from_value(serde_json::json!({
             "sid": id, "sub": "alice", "at": "at", "iat": 1, "seen": 1
         }))
         .expect("a session");
         s.generation = 3;
-        s
+        Arc::new(s)
     }
 
-    fn hit(l: Lookup) -> Option<Session> {
+    fn hit(l: Lookup) -> Option<Arc<Session>> {
         match l {
             Lookup::Hit(s) => Some(s),
             _ => None,

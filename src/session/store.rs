@@ -346,7 +346,7 @@ impl SessionStore {
                 if let Some(sid) = self.opened_ids.get(&sealed) {
                     return Ok(Box::pin(r.get(&sid))
                         .await?
-                        .map_or(Loaded::Unreadable, |s| Loaded::Some(Arc::new(s))));
+                        .map_or(Loaded::Unreadable, Loaded::Some));
                 }
             }
         }
@@ -372,7 +372,7 @@ impl SessionStore {
                 self.opened_ids.put(&sealed, &Arc::from(sid));
                 Ok(Box::pin(r.get(sid))
                     .await?
-                    .map_or(Loaded::Unreadable, |s| Loaded::Some(Arc::new(s))))
+                    .map_or(Loaded::Unreadable, Loaded::Some))
             }
         }
     }

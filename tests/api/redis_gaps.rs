@@ -70,8 +70,8 @@ async fn a_stale_write_is_refused_and_the_newer_tokens_stay() {
     store.put(&mut first, IDLE, ABSOLUTE).await.expect("put");
     assert_eq!(first.generation, 1);
 
-    let mut a = store.get("sid-cas").await.expect("get").expect("stored");
-    let mut b = store.get("sid-cas").await.expect("get").expect("stored");
+    let mut a = store.read("sid-cas").await.expect("get").expect("stored");
+    let mut b = store.read("sid-cas").await.expect("get").expect("stored");
     assert_eq!((a.generation, b.generation), (1, 1));
 
     a.access_token = AccessToken::new("at-2".into());
@@ -185,6 +185,54 @@ async fn an_expired_lease_holder_does_not_release_the_next_owners_lease() {
         .await
         .expect("GET");
     assert_eq!(holder, None);
+}
+
+/// The per-call read goes over tokengate's own connection (one per thread, commands of
+/// concurrent calls written together): sessions read at once on one thread each come back whole
+/// and as their own, with credentials and a database number from the URL; a wrong password is
+/// an error that does not repeat it.
+#[tokio::test]
+async fn sessions_read_at_once_on_one_thread_each_come_back_as_their_own() {
+    let redis = RedisServer::start().await;
+    assert_eq!(
+        redis
+            .cli(&["ACL", "SETUSER", "tg", "on", ">pw-1", "~*", "&*", "+@all"])
+            .trim(),
+        "OK"
+    );
+    let url = format!("redis://tg:pw-1@127.0.0.1:{}/2", redis.port);
+    let store = RedisStore::new(&url, Sealer::new(&[[9u8; 32]])).expect("RedisStore");
+    for i in 0..40 {
+        let mut s = session(&format!("sid-{i}"), &format!("at-{i}"));
+        store.put(&mut s, IDLE, ABSOLUTE).await.expect("put");
+    }
+    let in_db_2 = redis.cli(&["-n", "2", "KEYS", "tg:{*}:s"]);
+    assert_eq!(in_db_2.lines().count(), 40, "in database 2: {in_db_2}");
+    assert_eq!(redis.cli(&["DBSIZE"]).trim(), "0", "none in database 0");
+    for _ in 0..3 {
+        let reads = (0..40).rev().map(|i| {
+            let store = &store;
+            async move {
+                let s = store
+                    .get(&format!("sid-{i}"))
+                    .await
+                    .expect("read")
+                    .expect("stored");
+                assert_eq!(s.id, format!("sid-{i}"));
+                assert_eq!(s.access_token.secret(), &format!("at-{i}"));
+                assert_eq!(s.generation, 1);
+            }
+        });
+        futures_util::future::join_all(reads).await;
+    }
+    assert!(store.get("sid-none").await.expect("read").is_none());
+
+    let wrong = format!("redis://tg:pw-wrong@127.0.0.1:{}/2", redis.port);
+    let store = RedisStore::new(&wrong, Sealer::new(&[[9u8; 32]])).expect("RedisStore");
+    match store.get("sid-1").await {
+        Err(StoreError::Unavailable(e)) => assert!(!e.contains("pw-wrong"), "{e}"),
+        other => panic!("a wrong password read {other:?}"),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
