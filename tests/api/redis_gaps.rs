@@ -235,6 +235,27 @@ async fn sessions_read_at_once_on_one_thread_each_come_back_as_their_own() {
     }
 }
 
+/// Redis closes connections (`timeout`, `CLIENT KILL`, a proxy in between, a restart): the next
+/// read finds its kept connection closed and asks again on a new one, without an error.
+#[tokio::test]
+async fn a_connection_redis_closed_is_replaced_without_an_error() {
+    let redis = RedisServer::start().await;
+    let store = store(&redis);
+    let mut s = session("sid-kill", "at-kill");
+    store.put(&mut s, IDLE, ABSOLUTE).await.expect("put");
+    for round in 0..3 {
+        let got = store.get("sid-kill").await.expect("read").expect("stored");
+        assert_eq!(got.access_token.secret(), "at-kill", "round {round}");
+        let killed = redis.cli(&["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"]);
+        assert!(
+            killed.trim().parse::<u32>().is_ok_and(|n| n >= 1),
+            "tokengate's connections closed: {killed}"
+        );
+    }
+    let got = store.get("sid-kill").await.expect("read after the kill");
+    assert!(got.is_some());
+}
+
 // ---------------------------------------------------------------------------------------------
 // A slow (frozen) Redis
 // ---------------------------------------------------------------------------------------------

@@ -396,10 +396,6 @@ impl Pipe {
         };
         poll_fn(|cx| call.poll(cx)).await
     }
-
-    fn broken(&self) -> bool {
-        self.lock().broken.is_some()
-    }
 }
 
 /// A call in flight; dropped before its answer (a timeout, a request cancelled), its answer is
@@ -476,6 +472,13 @@ impl Drop for Call<'_> {
             self.pipe.lock().end(self.seq);
         }
     }
+}
+
+/// How a call on one connection failed.
+enum Failed {
+    /// The connection broke (closed, reset, not RESP).
+    Broke(String),
+    TimedOut,
 }
 
 /// Why a read went nowhere.
@@ -562,23 +565,56 @@ impl Reads {
             .retain(|(_, p)| !Arc::ptr_eq(p, pipe));
     }
 
-    async fn pipe(&self, timeout: Duration) -> Result<Arc<Pipe>, ReadError> {
+    /// This thread's connection, and whether it was made for this call (by `deadline`).
+    async fn pipe(&self, deadline: tokio::time::Instant) -> Result<(Arc<Pipe>, bool), ReadError> {
         if let Some(p) = self.this_threads() {
-            return Ok(p);
+            return Ok((p, false));
         }
-        let _connecting = self.connecting.lock().await;
-        if let Some(p) = self.this_threads() {
-            return Ok(p);
-        }
-        let pipe = tokio::time::timeout(timeout, self.connect())
+        let timed_out = || ReadError::Unavailable("connect timed out".into());
+        let _connecting = tokio::time::timeout_at(deadline, self.connecting.lock())
             .await
-            .map_err(|_| ReadError::Unavailable("connect timed out".into()))??;
+            .map_err(|_| timed_out())?;
+        if let Some(p) = self.this_threads() {
+            return Ok((p, false));
+        }
+        let pipe = tokio::time::timeout_at(deadline, self.connect())
+            .await
+            .map_err(|_| timed_out())??;
         let pipe = Arc::new(pipe);
         self.pipes
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push((std::thread::current().id(), Arc::clone(&pipe)));
-        Ok(pipe)
+        Ok((pipe, true))
+    }
+
+    /// `cmd` on `pipe`, by `deadline`. A connection that broke, or whose call went unanswered
+    /// for long, is forgotten: the next call connects anew.
+    async fn call_on(
+        &self,
+        pipe: &Arc<Pipe>,
+        cmd: &[u8],
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+    ) -> Result<Reply, Failed> {
+        let sent = tokio::time::Instant::now();
+        match tokio::time::timeout_at(deadline, pipe.call(cmd)).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(why)) => {
+                self.forget(pipe);
+                Err(Failed::Broke(why))
+            }
+            Err(_) => {
+                // A server that stopped answering (or a connection lost without a word): the
+                // answers still to come are not waited for. Not when the call had little time
+                // left when it began (a slow connect before it): the connection may be fine.
+                if deadline.saturating_duration_since(sent) >= timeout / 2 {
+                    pipe.lock().breaks("timed out".into());
+                    self.forget(pipe);
+                }
+                Err(Failed::TimedOut)
+            }
+        }
     }
 
     async fn connect(&self) -> Result<Pipe, ReadError> {
@@ -627,7 +663,6 @@ impl Reads {
         timeout: Duration,
     ) -> Result<Vec<Option<Vec<u8>>>, ReadError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let pipe = self.pipe(timeout).await?;
         let mut cmd = Vec::with_capacity(64 + key.len());
         array(&mut cmd, 2 + fields.len());
         bulk(&mut cmd, b"HMGET");
@@ -635,19 +670,21 @@ impl Reads {
         for f in fields {
             bulk(&mut cmd, f);
         }
-        let answer = match tokio::time::timeout_at(deadline, pipe.call(&cmd)).await {
-            Ok(a) => a,
-            Err(_) => {
-                // A server that stopped answering: its answers, if they ever come, are not
-                // waited for on this connection.
-                pipe.lock().breaks("timed out".into());
-                self.forget(&pipe);
-                return Err(ReadError::Unavailable("call timed out".into()));
+        let (pipe, fresh) = self.pipe(deadline).await?;
+        let answer = match self.call_on(&pipe, &cmd, deadline, timeout).await {
+            // A kept connection found closed (the server's idle `timeout`, a proxy, a restart):
+            // once more on a new one. A read changes nothing, so asking again is safe.
+            Err(Failed::Broke(_)) if !fresh => {
+                let (pipe, _) = self.pipe(deadline).await?;
+                self.call_on(&pipe, &cmd, deadline, timeout).await
             }
+            other => other,
         };
-        if pipe.broken() {
-            self.forget(&pipe);
-        }
+        let answer = match answer {
+            Ok(a) => Ok(a),
+            Err(Failed::Broke(why)) => Err(why),
+            Err(Failed::TimedOut) => Err("call timed out".to_string()),
+        };
         match answer.map_err(ReadError::Unavailable)? {
             Reply::Array(Some(items)) if items.len() == fields.len() => items
                 .into_iter()
@@ -766,6 +803,8 @@ mod tests {
         GarbageOnce,
         /// Closes the first connection after reading a command, then echoes.
         CloseOnce,
+        /// Echoes, and closes the first connection after its first answer (an idle timeout).
+        CloseAfterAnswer,
         /// `-MOVED ...` to everything.
         Moved,
         /// Never answers.
@@ -826,6 +865,9 @@ mod tests {
                                 if s.write_all(&[b]).await.is_err() {
                                     return;
                                 }
+                            }
+                            if matches!(mode, Fake::CloseAfterAnswer) && first {
+                                return;
                             }
                         }
                     }
@@ -889,6 +931,27 @@ mod tests {
             ));
             assert_eq!(key_of(&r, "b").await.expect("reconnected"), b"b");
         }
+    }
+
+    #[tokio::test]
+    async fn a_kept_connection_the_server_closed_is_replaced_within_the_call() {
+        let (port, seen) = fake(Fake::CloseAfterAnswer).await;
+        let r = reads(port, "");
+        assert_eq!(key_of(&r, "a").await.expect("answered"), b"a");
+        // The server has closed that connection meanwhile (its idle timeout).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            key_of(&r, "b")
+                .await
+                .expect("asked again on a new connection"),
+            b"b"
+        );
+        let seen = seen.lock().expect("log");
+        assert_eq!(
+            seen.last().map(Vec::len),
+            Some(1),
+            "b on a second connection"
+        );
     }
 
     #[tokio::test]
