@@ -999,4 +999,80 @@ mod tests {
         let tls: redis::ConnectionInfo = "rediss://127.0.0.1:1".parse().expect("url");
         assert!(Reads::new(&tls).is_none(), "TLS stays with the crate");
     }
+
+    /// RESP2 bytes of `r` (what a server sends).
+    fn encode(r: &Reply, out: &mut Vec<u8>) {
+        match r {
+            Reply::Status(s) => {
+                out.push(b'+');
+                out.extend_from_slice(s);
+                out.extend_from_slice(b"\r\n");
+            }
+            Reply::Error(e) => {
+                out.push(b'-');
+                out.extend_from_slice(e.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            Reply::Int(n) => out.extend_from_slice(format!(":{n}\r\n").as_bytes()),
+            Reply::Bulk(None) => out.extend_from_slice(b"$-1\r\n"),
+            Reply::Bulk(Some(b)) => bulk(out, b),
+            Reply::Array(None) => out.extend_from_slice(b"*-1\r\n"),
+            Reply::Array(Some(items)) => {
+                array(out, items.len());
+                for i in items {
+                    encode(i, out);
+                }
+            }
+        }
+    }
+
+    fn reply() -> impl proptest::strategy::Strategy<Value = Reply> {
+        use proptest::prelude::*;
+        // A status or error line holds no CR or LF.
+        let line = "[^\r\n]{0,40}";
+        let leaf = prop_oneof![
+            line.prop_map(|s| Reply::Status(s.into_bytes())),
+            line.prop_map(Reply::Error),
+            any::<i64>().prop_map(Reply::Int),
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..300))
+                .prop_map(Reply::Bulk),
+            Just(Reply::Array(None)),
+        ];
+        leaf.prop_recursive(3, 24, 6, |inner| {
+            proptest::collection::vec(inner, 0..6).prop_map(|v| Reply::Array(Some(v)))
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Whatever a server (or something posing as one) sends: an answer, "not yet", or
+        /// refused; never a panic, never more bytes than there are.
+        #[test]
+        fn any_bytes_parse_without_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+            if let Ok(Some((_, n))) = parse(&bytes) {
+                proptest::prop_assert!(n <= bytes.len());
+            }
+        }
+
+        /// The same over RESP's own bytes, where the near misses are.
+        #[test]
+        fn resp_like_bytes_parse_without_panic(text in "[-+:$*0-9\r\nx]{0,200}") {
+            if let Ok(Some((_, n))) = parse(text.as_bytes()) {
+                proptest::prop_assert!(n <= text.len());
+            }
+        }
+
+        /// Every answer comes back as sent, taking exactly its bytes; every proper prefix of it
+        /// is "not yet".
+        #[test]
+        fn answers_round_trip(r in reply()) {
+            let mut bytes = Vec::new();
+            encode(&r, &mut bytes);
+            proptest::prop_assert_eq!(parse(&bytes), Ok(Some((r, bytes.len()))));
+            for cut in 0..bytes.len() {
+                proptest::prop_assert_eq!(parse(&bytes[..cut]), Ok(None));
+            }
+        }
+    }
 }
