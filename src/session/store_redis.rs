@@ -71,6 +71,46 @@ end
 return 0
 ";
 
+/// One value per thread, for connections: the binary's workers each run their own event loop,
+/// and a connection's I/O (and the `redis` crate's driver task) belongs to the loop that made it.
+struct PerThread<T>(std::sync::Mutex<Vec<(std::thread::ThreadId, T)>>);
+
+impl<T> Default for PerThread<T> {
+    fn default() -> Self {
+        Self(std::sync::Mutex::new(Vec::new()))
+    }
+}
+
+impl<T: Clone> PerThread<T> {
+    fn all(&self) -> std::sync::MutexGuard<'_, Vec<(std::thread::ThreadId, T)>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// This thread's value.
+    fn get(&self) -> Option<T> {
+        let me = std::thread::current().id();
+        self.all()
+            .iter()
+            .find(|(t, _)| *t == me)
+            .map(|(_, v)| v.clone())
+    }
+
+    /// Sets this thread's value.
+    fn set(&self, v: T) {
+        let me = std::thread::current().id();
+        let mut all = self.all();
+        all.retain(|(t, _)| *t != me);
+        all.push((me, v));
+    }
+
+    /// Drops the values `gone` says are gone.
+    fn remove(&self, gone: impl Fn(&T) -> bool) {
+        self.all().retain(|(_, v)| !gone(v));
+    }
+}
+
 #[derive(Clone)]
 enum Conn {
     Single(ConnectionManager),
@@ -85,7 +125,7 @@ pub struct RedisStore {
     /// it. Shared by all, every call from the other workers crossed threads twice (the command
     /// to the driver, the answer back): measured, 5 thread wake-ups per call at one connection
     /// instead of 2.
-    conns: std::sync::Mutex<Vec<(std::thread::ThreadId, Conn)>>,
+    conns: PerThread<Conn>,
     /// Held while connecting, so that concurrent first calls make one connection.
     connecting: tokio::sync::Mutex<()>,
     /// The per-call session read over connections of our own (a plain-TCP server), `None`: the
@@ -241,7 +281,7 @@ impl RedisStore {
         Ok(Arc::new(Self {
             reads,
             target,
-            conns: std::sync::Mutex::new(Vec::new()),
+            conns: PerThread::default(),
             connecting: tokio::sync::Mutex::new(()),
             sealer,
             opened: OpenedCache::default(),
@@ -253,23 +293,13 @@ impl RedisStore {
         }))
     }
 
-    /// This thread's connection, if it has one.
-    fn this_threads(&self) -> Option<Conn> {
-        let me = std::thread::current().id();
-        let conns = self
-            .conns
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        conns.iter().find(|(t, _)| *t == me).map(|(_, c)| c.clone())
-    }
-
     /// This thread's connection, connecting first if needed (bounded by [`CALL_TIMEOUT`]).
     async fn conn(&self) -> Result<Conn, StoreError> {
-        if let Some(c) = self.this_threads() {
+        if let Some(c) = self.conns.get() {
             return Ok(c);
         }
         let _connecting = self.connecting.lock().await;
-        if let Some(c) = self.this_threads() {
+        if let Some(c) = self.conns.get() {
             return Ok(c);
         }
         let connect = async {
@@ -312,10 +342,7 @@ impl RedisStore {
             .await
             .map_err(|_| unavailable("connect timed out"))?
             .map_err(unavailable)?;
-        self.conns
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push((std::thread::current().id(), c.clone()));
+        self.conns.set(c.clone());
         Ok(c)
     }
 
@@ -827,6 +854,26 @@ fn new_lease_owner() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_thread_sees_its_own_value() {
+        let values = Arc::new(PerThread::default());
+        values.set(1);
+        values.set(2);
+        let other = Arc::clone(&values);
+        let seen = std::thread::spawn(move || {
+            let before = other.get();
+            other.set(7);
+            (before, other.get())
+        })
+        .join()
+        .expect("thread");
+        assert_eq!(seen, (None, Some(7)));
+        assert_eq!(values.get(), Some(2), "replaced, not added");
+        values.remove(|v| *v == 2);
+        assert_eq!(values.get(), None);
+        assert_eq!(values.all().len(), 1, "the other thread's stays");
+    }
 
     #[test]
     fn a_session_key_keeps_the_id_in_one_cluster_slot() {

@@ -20,7 +20,6 @@ use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
-use std::thread::ThreadId;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -498,7 +497,7 @@ pub struct Reads {
     auth: Option<Vec<u8>>,
     /// `SELECT db`, already encoded, when the URL names a database other than 0.
     select: Option<Vec<u8>>,
-    pipes: Mutex<Vec<(ThreadId, Arc<Pipe>)>>,
+    pipes: super::PerThread<Arc<Pipe>>,
     /// Held while connecting, so that concurrent first calls on a thread make one connection.
     connecting: tokio::sync::Mutex<()>,
     /// A `MOVED`/`ASK` answer was seen: the server is a cluster node, these reads are off.
@@ -537,7 +536,7 @@ impl Reads {
             port: *port,
             auth,
             select,
-            pipes: Mutex::new(Vec::new()),
+            pipes: super::PerThread::default(),
             connecting: tokio::sync::Mutex::new(()),
             off: AtomicBool::new(false),
         })
@@ -548,43 +547,28 @@ impl Reads {
         !self.off.load(Ordering::Relaxed)
     }
 
-    fn this_threads(&self) -> Option<Arc<Pipe>> {
-        let me = std::thread::current().id();
-        let pipes = self.pipes.lock().unwrap_or_else(PoisonError::into_inner);
-        pipes
-            .iter()
-            .find(|(t, _)| *t == me)
-            .map(|(_, p)| Arc::clone(p))
-    }
-
     /// Forgets `pipe` (broken, or timed out): the next call connects anew.
     fn forget(&self, pipe: &Arc<Pipe>) {
-        self.pipes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .retain(|(_, p)| !Arc::ptr_eq(p, pipe));
+        self.pipes.remove(|p| Arc::ptr_eq(p, pipe));
     }
 
     /// This thread's connection, and whether it was made for this call (by `deadline`).
     async fn pipe(&self, deadline: tokio::time::Instant) -> Result<(Arc<Pipe>, bool), ReadError> {
-        if let Some(p) = self.this_threads() {
+        if let Some(p) = self.pipes.get() {
             return Ok((p, false));
         }
         let timed_out = || ReadError::Unavailable("connect timed out".into());
         let _connecting = tokio::time::timeout_at(deadline, self.connecting.lock())
             .await
             .map_err(|_| timed_out())?;
-        if let Some(p) = self.this_threads() {
+        if let Some(p) = self.pipes.get() {
             return Ok((p, false));
         }
         let pipe = tokio::time::timeout_at(deadline, self.connect())
             .await
             .map_err(|_| timed_out())??;
         let pipe = Arc::new(pipe);
-        self.pipes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push((std::thread::current().id(), Arc::clone(&pipe)));
+        self.pipes.set(Arc::clone(&pipe));
         Ok((pipe, true))
     }
 
@@ -972,7 +956,7 @@ mod tests {
         let _ = r.hmget(b"b", &[b"g"], Duration::from_millis(50)).await;
         assert_eq!(seen.lock().expect("log").len(), 2);
         assert!(
-            r.pipes.lock().expect("pipes").is_empty(),
+            r.pipes.get().is_none(),
             "a timed-out connection is not kept"
         );
     }
