@@ -120,11 +120,10 @@ enum Conn {
 /// The Redis session backend.
 pub struct RedisStore {
     target: Target,
-    /// One connection per thread that calls Redis, made on that thread: the binary's workers
-    /// each run their own event loop, and a connection's driver task runs on the loop that made
-    /// it. Shared by all, every call from the other workers crossed threads twice (the command
-    /// to the driver, the answer back): measured, 5 thread wake-ups per call at one connection
-    /// instead of 2.
+    /// The crate's connection of each thread that calls Redis. Shared by all, its driver task
+    /// ran on one worker's event loop and every call from the other workers crossed threads
+    /// twice (the command to the driver, the answer back): measured, 5 thread wake-ups per call
+    /// at one connection, 3 with a connection per thread (the third is the answer's).
     conns: PerThread<Conn>,
     /// Held while connecting, so that concurrent first calls make one connection.
     connecting: tokio::sync::Mutex<()>,
