@@ -14,7 +14,7 @@ use tower::ServiceExt;
 use super::added::Added;
 use super::headers;
 use super::path::is_clean;
-use super::upstream::{origin_form, upstream_url, UpstreamBody, UpstreamError};
+use super::upstream::{upstream_target, upstream_url, UpstreamBody, UpstreamError};
 use crate::config::{RouteConfig, RouteToken};
 use crate::error::ApiError;
 use crate::session::cookie::{CookieFields, RequestCookies};
@@ -145,7 +145,7 @@ async fn proxy(
     } else {
         body
     };
-    let uri = origin_form(route, parts.uri.path(), parts.uri.query()).map_err(|e| {
+    let uri = upstream_target(route, std::mem::take(&mut parts.uri)).map_err(|e| {
         ApiError::invalid_request("the request URI cannot be forwarded").with_cause(e)
     })?;
     let h = &mut parts.headers;

@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 use axum::body::Body;
 use bytes::BytesMut;
 use futures_util::FutureExt;
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Body as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -227,7 +227,7 @@ fn parse(buf: &mut BytesMut) -> Head {
         .and_then(|uri| {
             // Room for what the proxy adds (`Authorization`, `X-Forwarded-For/-Proto/-Host`):
             // growing the map on the way out costs more than the few slots.
-            let mut headers = HeaderMap::with_capacity(named.len() + 4);
+            let mut headers = crate::spare::map(named.len() + 4);
             // `Cookie`s stay out of the map (see `CookieFields`): httparse has checked them.
             let mut cookies = Vec::new();
             for (name, start, end) in named {
@@ -413,7 +413,7 @@ async fn write_answer(
         field(out, b"connection", b"close");
     }
     out.extend_from_slice(b"\r\n");
-    drop(headers);
+    crate::spare::give_back_map(headers);
 
     if !matches!(framing, Framing::None) {
         let mut sent = 0u64;

@@ -384,7 +384,7 @@ fn parse_head(
         // Passing fields on: room for those the proxy adds (`Cache-Control`, `X-Request-Id`,
         // `Set-Cookie`) without growing the map.
         let room = if passed.is_some() { 3 } else { 0 };
-        let mut headers = HeaderMap::with_capacity(named.len() + room);
+        let mut headers = crate::spare::map(named.len() + room);
         for (name, start, end) in named {
             let value = HeaderValue::from_maybe_shared(head.slice(start..end))
                 .map_err(|_| Error::Invalid("invalid field value"))?;
