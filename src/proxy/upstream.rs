@@ -715,15 +715,12 @@ mod tests {
             "/api/x?",
             "/api/x?a=1&b=%20",
             "/api/a%2Fb/c?q",
-            "/apix/y",
             "http://elsewhere:9/api/x?a=1",
         ];
         for r in &routes {
             for t in targets {
                 let uri: Uri = t.parse().expect("uri");
-                if !under_prefix(uri.path(), &r.prefix) {
-                    continue; // not this route's request
-                }
+                assert!(under_prefix(uri.path(), &r.prefix), "{t}");
                 let built = origin_form(r, uri.path(), uri.query()).expect("built");
                 let kept = upstream_target(r, uri.clone()).expect("kept");
                 assert_eq!(kept.to_string(), built.to_string(), "{} {t}", r.upstream);
